@@ -1,0 +1,127 @@
+"""Decode speed: gptlab's engine vs Hugging Face transformers `generate`, same weights, one process, interleaved.
+
+Decoding one sequence is bound by reading every weight once per token, so each result is also given as a fraction of
+that bound: (copy bandwidth measured here) / (weight bytes read per token).
+
+    python benchmarks/generate.py [--device cpu|cuda] [--reps 3] [--new-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from gptlab.checkpoint import load_model
+from gptlab.config import ModelConfig
+from gptlab.generate import Engine, SamplingParams
+from gptlab.interop.hf import config_from_hf, state_from_hf
+
+GREEDY = SamplingParams(temperature=0)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], device: str) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def copy_bandwidth(device: str, nbytes: int = 1 << 29) -> float:
+    """Bytes moved per second (read + write) by a large tensor copy: the ceiling for streaming weights."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = min(timed(lambda: dst.copy_(src), device) for _ in range(5))
+    return 2 * nbytes / best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    args = parser.parse_args()
+
+    import transformers
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    dev = args.device
+    torch.manual_seed(0)
+    hf_cfg = GPT2Config()  # GPT-2 124M
+    hf = GPT2LMHeadModel(hf_cfg).eval().to(dev)
+    config: ModelConfig = config_from_hf(hf_cfg.to_dict())
+    ours = load_model(config, {k: v.detach().clone() for k, v in state_from_hf(hf.state_dict()).items()
+                               if k != "lm_head.weight"}).to(dev)
+    bandwidth = copy_bandwidth(dev)
+    print(f"# machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, transformers {transformers.__version__}, device {dev}"
+          + (f" ({torch.cuda.get_device_name()})" if dev == "cuda" else ""))
+    print(f"# copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write)")
+
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, hf_cfg.vocab_size, (1, args.prompt_tokens), generator=g).to(dev)
+    batch = torch.randint(0, hf_cfg.vocab_size, (args.batch, args.prompt_tokens), generator=g).to(dev)
+    long_prompt = torch.randint(0, hf_cfg.vocab_size, (1, args.prefill_tokens), generator=g).to(dev)
+    n = args.new_tokens
+
+    def hf_run(ids: torch.Tensor, new: int) -> torch.Tensor:
+        with torch.inference_mode():
+            return hf.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                               attention_mask=torch.ones_like(ids), pad_token_id=0)[:, ids.shape[1]:]
+
+    def our_run(ids: torch.Tensor, new: int) -> torch.Tensor:
+        return torch.stack(list(Engine(ours).generate_ids(ids.tolist(), new, GREEDY)), dim=1)
+
+    rows = []
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        hf.to(dtype)
+        ours.to(dtype)
+        weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+        weight_bytes -= ours.transformer.wpe.weight.numel() * ours.transformer.wpe.weight.element_size()
+        bound = bandwidth / weight_bytes  # tokens/s if every weight is read once per token
+        same = hf_run(prompt, 32).tolist() == our_run(prompt, 32).tolist()  # also warms up both
+        cases = {
+            f"decode b=1, {args.prompt_tokens}+{n} tokens": (prompt, n, n),
+            f"decode b={args.batch}, {args.prompt_tokens}+{n} tokens": (batch, n, args.batch * n),
+            f"prefill {args.prefill_tokens} tokens (time to first token)": (long_prompt, 1, args.prefill_tokens),
+        }
+        for case, (ids, new, tokens) in cases.items():
+            times: dict[str, list[float]] = {"gptlab": [], "transformers": []}
+            for _ in range(args.reps):  # interleaved, so that drift in the machine hits both alike
+                times["transformers"].append(timed(lambda: hf_run(ids, new), dev))
+                times["gptlab"].append(timed(lambda: our_run(ids, new), dev))
+            med = {k: statistics.median(v) for k, v in times.items()}
+            rows.append((dtype_name, case, tokens / med["gptlab"], tokens / med["transformers"], bound,
+                         case.startswith("decode b=1"), same))
+
+    print()
+    print("| dtype | case | gptlab tok/s | transformers tok/s | ratio | gptlab / bound | transformers / bound |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for dtype_name, case, ours_tps, hf_tps, bound, show_bound, _ in rows:
+        fb = (f"{ours_tps / bound:.0%} | {hf_tps / bound:.0%}" if show_bound else "- | -")
+        print(f"| {dtype_name} | {case} | {ours_tps:.1f} | {hf_tps:.1f} | {ours_tps / hf_tps:.2f}x | {fb} |")
+    decode = {r[0]: r[2] for r in rows if r[5]}
+    if "float32" in decode and "bfloat16" in decode:
+        print(f"\nbf16 / fp32 decode speed (gptlab): {decode['bfloat16'] / decode['float32']:.2f}x")
+    print("greedy tokens identical to transformers (first 32): "
+          + ", ".join(f"{r[0]}={r[6]}" for r in rows[:: len(rows) // len(decode)]))
+
+
+if __name__ == "__main__":
+    main()

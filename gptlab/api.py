@@ -1,0 +1,75 @@
+"""The Python API: `llm = gptlab.load("out/run1"); llm.generate("The train left the", max_new_tokens=20)`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from gptlab.checkpoint import load_checkpoint
+from gptlab.errors import GptlabError
+from gptlab.generate import Completion, Engine, SamplingParams
+from gptlab.model import GPT
+from gptlab.tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise GptlabError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GptlabError("device cuda was asked for but no CUDA GPU is available")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise GptlabError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class LLM:
+    """A loaded model with its tokenizer and generation engine."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.engine = Engine(model, tokenizer)
+
+    def complete(self, prompt: str | Sequence[str], max_new_tokens: int = 64, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 repetition_penalty: float = 1.0, stop: Sequence[str] = ()) -> list[Completion]:
+        """Completions (text, new token ids, finish reason) for one prompt or a batch."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
+        return self.engine.complete(prompts, max_new_tokens, params, stop)
+
+    def generate(self, prompt: str | Sequence[str], max_new_tokens: int = 64, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 repetition_penalty: float = 1.0, stop: Sequence[str] = ()) -> str | list[str]:
+        """The generated continuation of `prompt` (a list of them for a list of prompts)."""
+        done = self.complete(prompt, max_new_tokens, temperature, top_k, top_p, seed, repetition_penalty, stop)
+        texts = [c.text for c in done]
+        return texts[0] if isinstance(prompt, str) else texts
+
+    def stream(self, prompt: str, max_new_tokens: int = 64, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, seed: int | None = None, repetition_penalty: float = 1.0,
+               stop: Sequence[str] = ()) -> Iterator[str]:
+        """Text pieces of the continuation as they are generated."""
+        params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
+        return self.engine.stream(prompt, max_new_tokens, params, stop)
+
+
+def load(path: str | os.PathLike[str], device: str | None = None, dtype: str | torch.dtype | None = None) -> LLM:
+    """Load a checkpoint folder; the device defaults to CUDA when present, else the CPU."""
+    model, tokenizer = load_checkpoint(path, resolve_device(device), resolve_dtype(dtype))
+    return LLM(model, tokenizer)

@@ -1,0 +1,169 @@
+"""The `gptlab` command: one verb per stage.
+
+Every verb takes `--config FILE.yaml` whose keys are the verb's own option names (flags on the command line win).
+A user error prints one line on stderr and exits with status 2; it never prints a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import yaml
+
+from gptlab.errors import GptlabError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (with where to look) instead of the usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise GptlabError(f"{message} (see {self.prog} --help)")
+
+
+def _load_config(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise GptlabError(f"cannot read config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise GptlabError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise GptlabError(f"{path} must hold a mapping of option names to values")
+    return data
+
+
+def _apply_config(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """Parse once to find --config, take its values as defaults, then parse again so that flags win."""
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        known = {a.dest for a in parser._actions}
+        values = {k.replace("-", "_"): v for k, v in _load_config(args.config).items()}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise GptlabError(f"{args.config}: unknown option(s) {', '.join(unknown)} for {parser.prog}")
+        parser.set_defaults(**values)
+        args = parser.parse_args(argv)
+    return args
+
+
+# -- verbs -------------------------------------------------------------------------------------------------------
+def cmd_presets(args: argparse.Namespace) -> int:
+    from gptlab.presets import preset_rows, render_table
+
+    rows = preset_rows(args.names or None)
+    print(json.dumps(rows, indent=2) if args.json else render_table(rows, sizes=args.sizes))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from gptlab.api import load
+
+    llm = load(args.checkpoint, device=args.device, dtype=args.dtype)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty, stop=args.stop or ())
+    n_prompt = len(llm.tokenizer.encode(args.prompt))
+    room = llm.model.config.block_size - n_prompt
+    if 0 < room < args.max_new_tokens:
+        print(f"gptlab: note: the context holds {llm.model.config.block_size} tokens; generation stops after "
+              f"{room} new tokens", file=sys.stderr)
+    if args.stream and not args.json:
+        sys.stdout.write(args.prompt)
+        for piece in llm.stream(args.prompt, **kwargs):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    (done,) = llm.complete(args.prompt, **kwargs)
+    if args.json:
+        print(json.dumps({"text": done.text, "token_ids": done.token_ids, "finish_reason": done.finish_reason},
+                         ensure_ascii=False))
+    else:
+        print(args.prompt + done.text)
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from gptlab.interop.hf import import_hf
+
+    out = import_hf(args.src, args.out)
+    print(f"imported {args.src} -> {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from gptlab.interop.hf import export_hf
+
+    out = export_hf(args.checkpoint, args.out)
+    print(f"exported {args.checkpoint} -> {out} (Hugging Face transformers format)")
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------------------------------------
+def _verb(sub: argparse._SubParsersAction, name: str, func: Callable[[argparse.Namespace], int],
+          help: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help)
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML file of option values; flags override it")
+    p.set_defaults(func=func)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gptlab import __version__
+
+    parser = _Parser(prog="gptlab", description="Prepare, train, fine-tune, quantize, generate with and export GPT "
+                                                "language models.")
+    parser.add_argument("--version", action="version", version=f"gptlab {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    sub.required = True
+
+    p = _verb(sub, "presets", cmd_presets, "list the named model shapes with their parameter counts")
+    p.add_argument("names", nargs="*", help="presets to show (default: all)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--sizes", action="store_true", help="also show the weights' size at fp32, fp16/bf16, int8, int4")
+
+    p = _verb(sub, "generate", cmd_generate, "generate text from a checkpoint")
+    p.add_argument("checkpoint", help="checkpoint folder")
+    p.add_argument("--prompt", default="", help="text to continue (empty: start from <|endoftext|>)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable); not included in the output")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--json", action="store_true", help='print {"text": ..., "token_ids": [...]} (the new tokens)')
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
+
+    p = _verb(sub, "import", cmd_import, "convert a Hugging Face model folder into a gptlab checkpoint")
+    p.add_argument("format", choices=["hf"], help="source format")
+    p.add_argument("src", help="Hugging Face model folder (config.json, weights, tokenizer)")
+    p.add_argument("out", help="new checkpoint folder")
+
+    p = _verb(sub, "export", cmd_export, "write a checkpoint in another tool's format")
+    p.add_argument("format", choices=["hf"], help="target format")
+    p.add_argument("checkpoint", help="checkpoint folder")
+    p.add_argument("out", help="new output folder")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser()
+        args, _ = parser.parse_known_args(argv)
+        verb_parser = parser._subparsers._group_actions[0].choices[args.verb]  # type: ignore[union-attr]
+        args = _apply_config(verb_parser, argv[argv.index(args.verb) + 1:])
+        return args.func(args)
+    except GptlabError as e:
+        print(f"gptlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gptlab: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,231 @@
+"""The generation engine: token ids in, token ids out, with the KV cache owned in one place.
+
+`Engine.generate_ids` is the core loop (prefill the prompts, then one token per step from the cache); sampling is a
+pure function of the logits; `TextStream` turns a row's tokens into text pieces that are safe to show (no half of a
+multi-byte character, nothing that may turn out to be the start of a stop string).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from gptlab.errors import GptlabError
+from gptlab.model import GPT, KVCache
+from gptlab.tokenizer import Tokenizer
+
+
+@dataclass
+class SamplingParams:
+    """How the next token is chosen. `temperature=0` means greedy."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise GptlabError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise GptlabError(f"top_k must be a positive integer, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise GptlabError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise GptlabError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """Logits (B, vocab) after Hugging Face's processors, in its order: repetition penalty, temperature, top-k,
+    top-p. Filtered-out tokens get -inf. Greedy decoding applies only the penalty."""
+    logits = logits.float()
+    if params.repetition_penalty != 1.0 and history is not None:
+        seen = logits.gather(1, history)  # (B, S)
+        seen = torch.where(seen < 0, seen * params.repetition_penalty, seen / params.repetition_penalty)
+        logits = logits.scatter(1, history, seen)
+    if params.temperature == 0:
+        return logits
+    logits = logits / params.temperature
+    if params.top_k is not None and params.top_k < logits.size(-1):
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p is not None and params.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each one
+        sorted_logits = sorted_logits.masked_fill(mass_before >= params.top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    return logits
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+           history: torch.Tensor | None = None) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, vocab)."""
+    logits = process_logits(logits, params, history)
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]  # the new tokens, the end-of-text token included when one ended the row
+    finish_reason: str  # "stop" (end-of-text or a stop string) or "length"
+
+
+class TextStream:
+    """One row's text as its tokens arrive: releases only text that can no longer change."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), eos_id: int | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.eos_id = eos_id
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.sent = 0  # characters of `text` already released
+        self.done = False
+        self.finish_reason = "length"
+
+    def push(self, token: int) -> str:
+        """Add a token; return the text that became safe to show."""
+        self.token_ids.append(token)
+        if token == self.eos_id:
+            self.done, self.finish_reason = True, "stop"
+            return self._release(len(self.text))
+        self.text = self.tokenizer.decode(t for t in self.token_ids if t != self.eos_id)
+        if self.text.endswith("\ufffd"):  # part of a multi-byte character: wait for the rest
+            return ""
+        cuts = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
+        if cuts:
+            self.text = self.text[: min(cuts)]
+            self.done, self.finish_reason = True, "stop"
+            return self._release(len(self.text))
+        hold = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        return self._release(len(self.text) - hold)
+
+    def finish(self) -> str:
+        """Release what was held back once no more tokens come."""
+        return self._release(len(self.text))
+
+    def _release(self, end: int) -> str:
+        piece = self.text[self.sent: end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return piece
+
+    def completion(self) -> Completion:
+        return Completion(self.text, list(self.token_ids), self.finish_reason)
+
+
+class Engine:
+    """Runs a GPT over a batch of prompts with a preallocated KV cache."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.transformer.wte.weight.device
+
+    def check_prompt(self, ids: Sequence[int]) -> None:
+        n, ctx = len(ids), self.model.config.block_size
+        if n == 0:
+            raise GptlabError("the prompt is empty and the tokenizer has no end-of-text token to start from")
+        if n >= ctx:
+            raise GptlabError(f"the prompt is {n} tokens long; the model's context is {ctx} tokens, which leaves no "
+                              "room to generate (shorten the prompt)")
+
+    @torch.inference_mode()
+    def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingParams,
+                     eos_id: int | None = None) -> Iterator[torch.Tensor]:
+        """Yield the next token of every row (B,) each step.
+
+        Prompts of different lengths are left-padded; each row's positions start at 0 on its first real token, as in
+        Hugging Face's batched generation. Generation stops after `max_new_tokens`, when every row has produced
+        `eos_id`, or when the context is full (the prompt plus new tokens never exceed `block_size`).
+        """
+        for p in prompts:
+            self.check_prompt(p)
+        if max_new_tokens < 0:
+            raise GptlabError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        cfg, dev = self.model.config, self.device
+        B = len(prompts)
+        lens = torch.tensor([len(p) for p in prompts], device=dev)  # (B,)
+        T0 = int(lens.max())
+        steps = min(max_new_tokens, cfg.block_size - T0)
+        if steps == 0:
+            return
+        cache = KVCache(cfg, B, T0 + steps, dev, self.model.transformer.wte.weight.dtype)
+        idx = torch.zeros(B, T0, dtype=torch.long, device=dev)
+        for b, p in enumerate(prompts):
+            idx[b, T0 - len(p):] = torch.tensor(p, dtype=torch.long)
+            idx[b, : T0 - len(p)] = p[0]  # pads repeat a real token: harmless for the repetition penalty
+            cache.valid[b, T0 - len(p): T0] = True
+        pos = (torch.arange(T0, device=dev)[None] - (T0 - lens)[:, None]).clamp(min=0)  # (B, T0)
+        generator = None
+        if sampling.seed is not None:
+            generator = torch.Generator(device=dev).manual_seed(sampling.seed)
+        history = idx if sampling.repetition_penalty != 1.0 else None
+
+        cache.begin(torch.arange(T0, device=dev), T0)
+        logits = self.model(idx, pos=pos, cache=cache, last_only=True)[:, -1]  # (B, vocab)
+        next_pos = lens.clone()
+        finished = torch.zeros(B, dtype=torch.bool, device=dev)
+        for step in range(steps):
+            token = sample(logits, sampling, generator, history)  # (B,)
+            yield token
+            if eos_id is not None:
+                finished |= token == eos_id
+                if bool(finished.all()):
+                    return
+            if step == steps - 1:
+                return
+            slot = T0 + step
+            cache.valid[:, slot] = True
+            cache.begin(torch.tensor([slot], device=dev), slot + 1)
+            logits = self.model(token[:, None], pos=next_pos[:, None], cache=cache)[:, -1]
+            next_pos += 1
+            if history is not None:
+                history = torch.cat([history, token[:, None]], dim=1)
+
+    # -- text in, text out ---------------------------------------------------------------------------------------
+    def _encode(self, prompt: str) -> list[int]:
+        assert self.tokenizer is not None, "text generation needs a tokenizer"
+        ids = self.tokenizer.encode(prompt)
+        if not ids and self.tokenizer.eos_id is not None:
+            ids = [self.tokenizer.eos_id]  # GPT-2's convention: an empty prompt starts from <|endoftext|>
+        return ids
+
+    def _run(self, prompts: Sequence[str], rows: list[TextStream], max_new_tokens: int, sampling: SamplingParams,
+             ) -> Iterator[tuple[int, str]]:
+        ids = [self._encode(p) for p in prompts]
+        eos = self.tokenizer.eos_id
+        for tokens in self.generate_ids(ids, max_new_tokens, sampling, eos):
+            for b, t in enumerate(tokens.tolist()):
+                if not rows[b].done and (piece := rows[b].push(t)):
+                    yield b, piece
+            if all(r.done for r in rows):
+                break
+        for b, r in enumerate(rows):
+            if piece := r.finish():
+                yield b, piece
+
+    def complete(self, prompts: Sequence[str], max_new_tokens: int, sampling: SamplingParams,
+                 stop: Sequence[str] = ()) -> list[Completion]:
+        """Generate for a batch of text prompts; one `Completion` each."""
+        rows = [TextStream(self.tokenizer, stop, self.tokenizer.eos_id) for _ in prompts]
+        for _ in self._run(prompts, rows, max_new_tokens, sampling):
+            pass
+        return [r.completion() for r in rows]
+
+    def stream(self, prompt: str, max_new_tokens: int, sampling: SamplingParams,
+               stop: Sequence[str] = ()) -> Iterator[str]:
+        """Text pieces of one prompt's continuation as they are generated."""
+        row = TextStream(self.tokenizer, stop, self.tokenizer.eos_id)
+        for _, piece in self._run([prompt], [row], max_new_tokens, sampling):
+            yield piece

@@ -1,0 +1,161 @@
+"""Hugging Face GPT-2 folders, both ways, without importing transformers.
+
+Our parameter names are GPT-2's own, so the only change is Hugging Face's `Conv1D`, which stores its weight as
+(in, out) where `nn.Linear` stores (out, in): those four matrices per layer are transposed on the way in and out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from gptlab.checkpoint import check_folder, load_checkpoint, load_model, model_state, read_weights, save_checkpoint
+from gptlab.config import ModelConfig
+from gptlab.errors import GptlabError
+from gptlab.files import atomic_write, atomic_write_text
+from gptlab.model import GPT
+from gptlab.tokenizer import EOS, Tokenizer
+
+SUPPORTED = ("gpt2",)
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older GPT-2 checkpoints: not weights
+
+
+def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    kind = hf.get("model_type")
+    if kind not in SUPPORTED:
+        raise GptlabError(f"unsupported architecture {kind!r} ({hf.get('architectures')}); supported: "
+                          f"{', '.join(SUPPORTED)}")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise GptlabError(f"unsupported GPT-2 activation {act!r}; gptlab's GPT-2 uses the tanh GELU (gelu_new)")
+    for flag, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                     ("reorder_and_upcast_attn", False)):
+        if hf.get(flag, ok) != ok:
+            raise GptlabError(f"unsupported GPT-2 option {flag}={hf[flag]}")
+    return ModelConfig(
+        n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+        block_size=hf.get("n_positions", hf.get("n_ctx", 1024)), vocab_size=hf["vocab_size"],
+        dropout=float(hf.get("resid_pdrop", 0.0)), bias=True, norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        mlp_hidden=hf.get("n_inner"), tie_embeddings=hf.get("tie_word_embeddings", True), name="gpt2-import",
+    )
+
+
+def config_to_hf(cfg: ModelConfig, eos_id: int | None) -> dict[str, Any]:
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, "n_positions": cfg.block_size,
+        "n_ctx": cfg.block_size, "vocab_size": cfg.vocab_size, "n_inner": cfg.mlp_hidden,
+        "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
+        "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+        "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": eos_id, "eos_token_id": eos_id,
+        "dtype": "float32",
+    }
+
+
+def state_from_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face GPT-2 weights -> gptlab names and layouts (both `GPT2LMHeadModel` and `GPT2Model` keys)."""
+    out = {}
+    for key, t in hf_state.items():
+        if key.endswith(_BUFFERS):
+            continue
+        name = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
+        out[name] = t.t().contiguous() if name.endswith(_CONV1D) else t
+    return out
+
+
+def state_to_hf(model: GPT) -> dict[str, torch.Tensor]:
+    """gptlab weights -> `GPT2LMHeadModel` layout; a model without biases gets zero biases, which is the same model."""
+    state = model_state(model)
+    if not model.config.bias:
+        for name, module in model.named_modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm)) and name != "lm_head":
+                width = module.weight.shape[0]
+                state[f"{name}.bias"] = torch.zeros(width, dtype=module.weight.dtype)
+    return {k: (t.t().contiguous() if k.endswith(_CONV1D) else t) for k, t in state.items()}
+
+
+def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
+    """`model.safetensors`, a sharded safetensors index, or `pytorch_model.bin` (loaded with weights_only=True)."""
+    if (src / "model.safetensors").is_file():
+        return read_weights(src / "model.safetensors")
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (src / s).is_file()]
+        if missing:
+            raise GptlabError(f"{src} is missing weight shard(s): {', '.join(missing)}")
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(read_weights(src / shard))
+        return state
+    if (src / "pytorch_model.bin").is_file():
+        try:
+            return torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise GptlabError(f"cannot read {src / 'pytorch_model.bin'} as plain weights: {e}") from None
+    raise GptlabError(f"{src} has no weights (model.safetensors, model.safetensors.index.json or pytorch_model.bin)")
+
+
+def read_hf_tokenizer(src: Path) -> Tokenizer:
+    if (src / "tokenizer.json").is_file():
+        return Tokenizer.from_file(src / "tokenizer.json")
+    if (src / "vocab.json").is_file() and (src / "merges.txt").is_file():
+        return Tokenizer.from_vocab_merges(src / "vocab.json", src / "merges.txt")
+    raise GptlabError(f"{src} has no tokenizer (tokenizer.json, or vocab.json and merges.txt)")
+
+
+def _empty_destination(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise GptlabError(f"{out} already exists and is not empty; choose a new folder (nothing was written)")
+
+
+def import_hf(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+    """A Hugging Face GPT-2 folder -> a gptlab checkpoint folder."""
+    src, out = check_folder(src, required=("config.json",)), Path(out)
+    _empty_destination(out)
+    try:
+        hf_config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise GptlabError(f"{src / 'config.json'} is not valid JSON: {e}") from None
+    config = config_from_hf(hf_config)
+    tokenizer = read_hf_tokenizer(src)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise GptlabError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+                          f"{config.vocab_size}")
+    state = {k: v.float() for k, v in state_from_hf(read_hf_weights(src)).items()}
+    if config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    model = load_model(config, state, f"the weights in {src}")
+    return save_checkpoint(out, model, tokenizer)
+
+
+def export_hf(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+    """A gptlab checkpoint -> a folder that `AutoModelForCausalLM` and `AutoTokenizer` load offline."""
+    model, tokenizer = load_checkpoint(checkpoint)
+    out = Path(out)
+    _empty_destination(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = state_to_hf(model)
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    eos_id = tokenizer.eos_id
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(out / "tokenizer.json", tokenizer.save)
+    specials = {"eos_token": EOS, "bos_token": EOS, "unk_token": EOS} if eos_id is not None else {}
+    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.config.block_size,
+                  "add_prefix_space": False, **specials}
+    files = {
+        "config.json": config_to_hf(model.config, eos_id),
+        "generation_config.json": {"bos_token_id": eos_id, "eos_token_id": eos_id},
+        "tokenizer_config.json": tok_config,
+        "special_tokens_map.json": specials,
+    }
+    for name, data in files.items():
+        atomic_write_text(out / name, json.dumps(data, indent=2) + "\n")
+    return out
