@@ -19,6 +19,7 @@ import torch
 from gptlab.checkpoint import load_model
 from gptlab.config import ModelConfig
 from gptlab.generate import Engine, SamplingParams
+from gptlab.inference import prepare_for_inference
 from gptlab.interop.hf import config_from_hf, state_from_hf
 
 GREEDY = SamplingParams(temperature=0)
@@ -29,21 +30,23 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], object], device: str) -> float:
+def timed(fn: Callable[..., object], device: str, *args: object) -> float:
     sync(device)
     t0 = time.perf_counter()
-    fn()
+    fn(*args)
     sync(device)
     return time.perf_counter() - t0
 
 
-def copy_bandwidth(device: str, nbytes: int = 1 << 29) -> float:
-    """Bytes moved per second (read + write) by a large tensor copy: the ceiling for streaming weights."""
+def bandwidths(device: str, nbytes: int = 1 << 29) -> tuple[float, float]:
+    """Bytes per second of a large tensor copy (each byte read once and written once) and of a large sum (read
+    only). Reading every weight once per token is the ceiling for decoding one sequence."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     dst.copy_(src)
-    best = min(timed(lambda: dst.copy_(src), device) for _ in range(5))
-    return 2 * nbytes / best
+    copy = min(timed(dst.copy_, device, src) for _ in range(5))
+    read = min(timed(src.sum, device) for _ in range(5))
+    return nbytes / copy, nbytes / read
 
 
 def main() -> None:
@@ -65,13 +68,13 @@ def main() -> None:
     hf_cfg = GPT2Config()  # GPT-2 124M
     hf = GPT2LMHeadModel(hf_cfg).eval().to(dev)
     config: ModelConfig = config_from_hf(hf_cfg.to_dict())
-    ours = load_model(config, {k: v.detach().clone() for k, v in state_from_hf(hf.state_dict()).items()
-                               if k != "lm_head.weight"}).to(dev)
-    bandwidth = copy_bandwidth(dev)
+    state = {k: v.detach().clone() for k, v in state_from_hf(hf.state_dict()).items() if k != "lm_head.weight"}
+    bandwidth, read_bandwidth = bandwidths(dev)
     print(f"# machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, transformers {transformers.__version__}, device {dev}"
           + (f" ({torch.cuda.get_device_name()})" if dev == "cuda" else ""))
-    print(f"# copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write)")
+    print(f"# copy bandwidth {bandwidth / 1e9:.1f} GB/s (bytes copied per second; the bound below), "
+          f"read-only bandwidth {read_bandwidth / 1e9:.1f} GB/s")
 
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, hf_cfg.vocab_size, (1, args.prompt_tokens), generator=g).to(dev)
@@ -85,15 +88,16 @@ def main() -> None:
                                attention_mask=torch.ones_like(ids), pad_token_id=0)[:, ids.shape[1]:]
 
     def our_run(ids: torch.Tensor, new: int) -> torch.Tensor:
-        return torch.stack(list(Engine(ours).generate_ids(ids.tolist(), new, GREEDY)), dim=1)
+        return torch.stack(list(engine.generate_ids(ids.tolist(), new, GREEDY)), dim=1)
 
     rows = []
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         hf.to(dtype)
-        ours.to(dtype)
-        weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
-        weight_bytes -= ours.transformer.wpe.weight.numel() * ours.transformer.wpe.weight.element_size()
+        ours = prepare_for_inference(load_model(config, state).to(dev, dtype))  # as `gptlab.load` does
+        engine = Engine(ours)
+        # every weight but the position table (one row per token) is read once per decoded token
+        weight_bytes = (hf.num_parameters() - config.block_size * config.n_embd) * torch.finfo(dtype).bits // 8
         bound = bandwidth / weight_bytes  # tokens/s if every weight is read once per token
         same = hf_run(prompt, 32).tolist() == our_run(prompt, 32).tolist()  # also warms up both
         cases = {
@@ -103,24 +107,27 @@ def main() -> None:
         }
         for case, (ids, new, tokens) in cases.items():
             times: dict[str, list[float]] = {"gptlab": [], "transformers": []}
+            hf_run(ids, new), our_run(ids, new)  # warm-up (and, on a GPU, the CUDA graph capture)
             for _ in range(args.reps):  # interleaved, so that drift in the machine hits both alike
-                times["transformers"].append(timed(lambda: hf_run(ids, new), dev))
-                times["gptlab"].append(timed(lambda: our_run(ids, new), dev))
+                times["transformers"].append(timed(hf_run, dev, ids, new))
+                times["gptlab"].append(timed(our_run, dev, ids, new))
             med = {k: statistics.median(v) for k, v in times.items()}
             rows.append((dtype_name, case, tokens / med["gptlab"], tokens / med["transformers"], bound,
-                         case.startswith("decode b=1"), same))
+                         bound * read_bandwidth / bandwidth, case.startswith("decode b=1"), same))
 
     print()
-    print("| dtype | case | gptlab tok/s | transformers tok/s | ratio | gptlab / bound | transformers / bound |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for dtype_name, case, ours_tps, hf_tps, bound, show_bound, _ in rows:
-        fb = (f"{ours_tps / bound:.0%} | {hf_tps / bound:.0%}" if show_bound else "- | -")
+    print("| dtype | case | gptlab tok/s | transformers tok/s | ratio | gptlab / copy bound | transformers / copy "
+          "bound | gptlab / read bound |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for dtype_name, case, ours_tps, hf_tps, bound, read_bound, show_bound, _ in rows:
+        fb = (f"{ours_tps / bound:.0%} | {hf_tps / bound:.0%} | {ours_tps / read_bound:.0%}" if show_bound
+              else "- | - | -")
         print(f"| {dtype_name} | {case} | {ours_tps:.1f} | {hf_tps:.1f} | {ours_tps / hf_tps:.2f}x | {fb} |")
-    decode = {r[0]: r[2] for r in rows if r[5]}
+    decode = {r[0]: r[2] for r in rows if r[6]}
     if "float32" in decode and "bfloat16" in decode:
         print(f"\nbf16 / fp32 decode speed (gptlab): {decode['bfloat16'] / decode['float32']:.2f}x")
     print("greedy tokens identical to transformers (first 32): "
-          + ", ".join(f"{r[0]}={r[6]}" for r in rows[:: len(rows) // len(decode)]))
+          + ", ".join(f"{r[0]}={r[7]}" for r in rows[:: len(rows) // len(decode)]))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch
 from gptlab.checkpoint import load_checkpoint
 from gptlab.errors import GptlabError
 from gptlab.generate import Completion, Engine, SamplingParams
+from gptlab.inference import prepare_for_inference
 from gptlab.model import GPT
 from gptlab.tokenizer import Tokenizer
 
@@ -70,6 +71,9 @@ class LLM:
 
 
 def load(path: str | os.PathLike[str], device: str | None = None, dtype: str | torch.dtype | None = None) -> LLM:
-    """Load a checkpoint folder; the device defaults to CUDA when present, else the CPU."""
+    """Load a checkpoint folder for inference; the device defaults to CUDA when present, else the CPU.
+
+    The model is prepared for inference (`gptlab.inference`); to train, use `gptlab.checkpoint.load_checkpoint`.
+    """
     model, tokenizer = load_checkpoint(path, resolve_device(device), resolve_dtype(dtype))
-    return LLM(model, tokenizer)
+    return LLM(prepare_for_inference(model), tokenizer)

@@ -124,9 +124,11 @@ class TextStream:
 class Engine:
     """Runs a GPT over a batch of prompts with a preallocated KV cache."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer | None = None) -> None:
+    def __init__(self, model: GPT, tokenizer: Tokenizer | None = None, cuda_graphs: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.cuda_graphs = cuda_graphs
+        self._graphs: dict[tuple[int, int], _GraphedStep] = {}
 
     @property
     def device(self) -> torch.device:
@@ -160,7 +162,9 @@ class Engine:
         steps = min(max_new_tokens, cfg.block_size - T0)
         if steps == 0:
             return
-        cache = KVCache(cfg, B, T0 + steps, dev, self.model.transformer.wte.weight.dtype)
+        use_graph = dev.type == "cuda" and self.cuda_graphs and steps > 1
+        graphed = self._graphed_step(B, T0 + steps) if use_graph else None
+        cache = graphed.cache if graphed else KVCache(cfg, B, T0 + steps, dev, self.model.transformer.wte.weight.dtype)
         idx = torch.zeros(B, T0, dtype=torch.long, device=dev)
         for b, p in enumerate(prompts):
             idx[b, T0 - len(p):] = torch.tensor(p, dtype=torch.long)
@@ -186,12 +190,23 @@ class Engine:
             if step == steps - 1:
                 return
             slot = T0 + step
-            cache.valid[:, slot] = True
-            cache.begin(torch.tensor([slot], device=dev), slot + 1)
-            logits = self.model(token[:, None], pos=next_pos[:, None], cache=cache)[:, -1]
+            if graphed:
+                logits = graphed(token, next_pos, slot)
+            else:
+                cache.valid[:, slot] = True
+                cache.begin(torch.tensor([slot], device=dev), slot + 1)
+                logits = self.model(token[:, None], pos=next_pos[:, None], cache=cache)[:, -1]
             next_pos += 1
             if history is not None:
                 history = torch.cat([history, token[:, None]], dim=1)
+
+    def _graphed_step(self, batch: int, max_len: int) -> _GraphedStep:
+        key = (batch, max_len)
+        if key not in self._graphs:
+            self._graphs = {key: _GraphedStep(self.model, batch, max_len)}  # keep one: each holds a whole cache
+        step = self._graphs[key]
+        step.cache.valid.zero_()
+        return step
 
     # -- text in, text out ---------------------------------------------------------------------------------------
     def _encode(self, prompt: str) -> list[int]:
@@ -229,3 +244,40 @@ class Engine:
         row = TextStream(self.tokenizer, stop, self.tokenizer.eos_id)
         for _, piece in self._run([prompt], [row], max_new_tokens, sampling):
             yield piece
+
+
+class _GraphedStep:
+    """One decode step (a token for each of B rows) captured in a CUDA graph over a cache of fixed size.
+
+    Launching a small model's ~150 kernels one by one costs more than running them; replaying the captured graph
+    costs one launch. The step attends over the whole cache with the mask, so its shapes never change.
+    """
+
+    def __init__(self, model: GPT, batch: int, max_len: int) -> None:
+        dev = model.transformer.wte.weight.device
+        self.model = model
+        self.cache = KVCache(model.config, batch, max_len, dev, model.transformer.wte.weight.dtype)
+        self.token = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.slot = torch.full((1,), max_len - 1, dtype=torch.long, device=dev)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up outside the capture, as CUDA graphs require
+                self._step()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+
+    def _step(self) -> torch.Tensor:
+        self.cache.valid.index_fill_(1, self.slot, True)
+        self.cache.begin(self.slot)
+        return self.model(self.token[:, None], pos=self.pos[:, None], cache=self.cache)[:, -1]  # (B, vocab)
+
+    def __call__(self, token: torch.Tensor, pos: torch.Tensor, slot: int) -> torch.Tensor:
+        self.token.copy_(token)
+        self.pos.copy_(pos)
+        self.slot.fill_(slot)
+        self.graph.replay()
+        return self.logits
