@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--compile", action="store_true", help="torch.compile gptlab's forward (GPU)")
+    parser.add_argument("--cases", default="decode1,decodeB,prefill")
     args = parser.parse_args()
 
     import transformers
@@ -90,22 +92,26 @@ def main() -> None:
     def our_run(ids: torch.Tensor, new: int) -> torch.Tensor:
         return torch.stack(list(engine.generate_ids(ids.tolist(), new, GREEDY)), dim=1)
 
-    rows = []
+    rows, agree = [], {}
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         hf.to(dtype)
         ours = prepare_for_inference(load_model(config, state).to(dev, dtype))  # as `gptlab.load` does
+        if args.compile:
+            ours.forward = torch.compile(ours.forward, dynamic=False)
         engine = Engine(ours)
         # every weight but the position table (one row per token) is read once per decoded token
         weight_bytes = (hf.num_parameters() - config.block_size * config.n_embd) * torch.finfo(dtype).bits // 8
         bound = bandwidth / weight_bytes  # tokens/s if every weight is read once per token
-        same = hf_run(prompt, 32).tolist() == our_run(prompt, 32).tolist()  # also warms up both
-        cases = {
-            f"decode b=1, {args.prompt_tokens}+{n} tokens": (prompt, n, n),
-            f"decode b={args.batch}, {args.prompt_tokens}+{n} tokens": (batch, n, args.batch * n),
-            f"prefill {args.prefill_tokens} tokens (time to first token)": (long_prompt, 1, args.prefill_tokens),
+        agree[dtype_name] = hf_run(prompt, 32).tolist() == our_run(prompt, 32).tolist()  # also warms up both
+        cases = {  # name -> (label, prompt ids, new tokens, tokens counted)
+            "decode1": (f"decode b=1, {args.prompt_tokens}+{n} tokens", prompt, n, n),
+            "decodeB": (f"decode b={args.batch}, {args.prompt_tokens}+{n} tokens", batch, n, args.batch * n),
+            "prefill": (f"prefill {args.prefill_tokens} tokens (time to first token)", long_prompt, 1,
+                        args.prefill_tokens),
         }
-        for case, (ids, new, tokens) in cases.items():
+        for key in args.cases.split(","):
+            case, ids, new, tokens = cases[key]
             times: dict[str, list[float]] = {"gptlab": [], "transformers": []}
             hf_run(ids, new), our_run(ids, new)  # warm-up (and, on a GPU, the CUDA graph capture)
             for _ in range(args.reps):  # interleaved, so that drift in the machine hits both alike
@@ -113,21 +119,20 @@ def main() -> None:
                 times["gptlab"].append(timed(our_run, dev, ids, new))
             med = {k: statistics.median(v) for k, v in times.items()}
             rows.append((dtype_name, case, tokens / med["gptlab"], tokens / med["transformers"], bound,
-                         bound * read_bandwidth / bandwidth, case.startswith("decode b=1"), same))
+                         bound * read_bandwidth / bandwidth, key == "decode1"))
 
     print()
     print("| dtype | case | gptlab tok/s | transformers tok/s | ratio | gptlab / copy bound | transformers / copy "
           "bound | gptlab / read bound |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for dtype_name, case, ours_tps, hf_tps, bound, read_bound, show_bound, _ in rows:
+    for dtype_name, case, ours_tps, hf_tps, bound, read_bound, show_bound in rows:
         fb = (f"{ours_tps / bound:.0%} | {hf_tps / bound:.0%} | {ours_tps / read_bound:.0%}" if show_bound
               else "- | - | -")
         print(f"| {dtype_name} | {case} | {ours_tps:.1f} | {hf_tps:.1f} | {ours_tps / hf_tps:.2f}x | {fb} |")
     decode = {r[0]: r[2] for r in rows if r[6]}
     if "float32" in decode and "bfloat16" in decode:
         print(f"\nbf16 / fp32 decode speed (gptlab): {decode['bfloat16'] / decode['float32']:.2f}x")
-    print("greedy tokens identical to transformers (first 32): "
-          + ", ".join(f"{r[0]}={r[7]}" for r in rows[:: len(rows) // len(decode)]))
+    print("greedy tokens identical to transformers (first 32): " + ", ".join(f"{k}={v}" for k, v in agree.items()))
 
 
 if __name__ == "__main__":
