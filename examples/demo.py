@@ -1,8 +1,7 @@
-"""The quickstart on data every machine has: the Python standard library's own source.
+"""The quickstart, on data every machine has: the Python standard library's own source.
 
-Trains a byte-level BPE tokenizer on part of the standard library, builds a small GPT, saves a checkpoint folder and
-generates from it through the `gptlab` command. The model is freshly initialised, so its text is noise until it is
-trained.
+prepare (character-level) -> a sample from the untrained model -> pretrain on the CPU -> a sample after training.
+Each step is the `gptlab` command a user would type; this script only strings them together.
 """
 
 from __future__ import annotations
@@ -10,46 +9,53 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import torch
 
-from gptlab import GPT, ModelConfig, Tokenizer
+from gptlab import GPT
 from gptlab.checkpoint import save_checkpoint
+from gptlab.data.loader import TokenShards
+from gptlab.train.config import merge_sections, model_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "quickstart-cpu.yaml"
+PROMPT = "def "
 
 
-def stdlib_texts(limit_bytes: int) -> list[str]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    texts, total = [], 0
-    for path in sorted(root.glob("*.py")):
-        text = path.read_text(encoding="utf-8", errors="replace")
-        texts.append(text)
-        total += len(text)
-        if total >= limit_bytes:
-            break
-    return texts
+def gptlab(*args: str) -> None:
+    print("\n$ gptlab " + " ".join(args), flush=True)
+    subprocess.run([sys.executable, "-m", "gptlab", *args], check=True)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/demo")
+    parser.add_argument("--steps", default="2000")
     args = parser.parse_args()
     out = Path(args.out)
+    data, run, untrained = out / "data", out / "run", out / "untrained"
 
-    texts = stdlib_texts(2_000_000)
-    print(f"training a BPE tokenizer on {sum(map(len, texts)) / 1e6:.1f} MB of the standard library")
-    tokenizer = Tokenizer.train_bpe(texts, vocab_size=2048)
+    if not (data / "meta.json").exists():
+        gptlab("prepare", "stdlib", "--out", str(data), "--tokenizer", "char")
+
+    # The same model the config describes, before any training, to compare against.
+    import yaml
+
+    shards = TokenShards(data)
+    sections = merge_sections(yaml.safe_load(CONFIG.read_text()), {})
     torch.manual_seed(0)
-    config = ModelConfig.from_preset("small-cpu", vocab_size=tokenizer.vocab_size)
-    model = GPT(config)
-    print(f"model: {config.n_layer} layers, {config.n_embd} wide, {model.num_params():,} parameters")
-    save_checkpoint(out, model, tokenizer)
-    print(f"checkpoint: {out}")
-    cmd = [sys.executable, "-m", "gptlab", "generate", str(out), "--prompt", "def ", "--max-new-tokens", "40",
-           "--seed", "0"]
-    print("$ gptlab " + " ".join(cmd[3:]))
-    subprocess.run(cmd, check=True)
+    save_checkpoint(untrained, GPT(model_config(sections["model"], shards.tokenizer().vocab_size)),
+                    shards.tokenizer())
+    gptlab("generate", str(untrained), "--prompt", PROMPT, "--max-new-tokens", "120", "--seed", "0",
+           "--temperature", "0.8")
+
+    resume = ["--resume"] if (run / "train_state.pt").exists() else []
+    gptlab("pretrain", "--config", str(CONFIG), "--data", str(data), "--out", str(run), "--train.max_steps",
+           args.steps, *resume)
+    gptlab("generate", str(run), "--prompt", PROMPT, "--max-new-tokens", "200", "--seed", "0", "--temperature", "0.8")
+    print(f"\ncheckpoint: {run}/ (model.safetensors, config.json, tokenizer.json)")
+    print(f"loss curve: {run}/loss.png; every logged step: {run}/metrics.jsonl")
 
 
 if __name__ == "__main__":

@@ -26,19 +26,22 @@ CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
 
 
-def model_state(model: GPT) -> dict[str, torch.Tensor]:
-    """The weights to store: a tied head is the embedding, so it is stored once (safetensors refuses aliases)."""
-    state = model.state_dict()
+def model_state(model: GPT, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The weights to store (`state`, or the model's own): a tied head is the embedding, so it is stored once
+    (safetensors refuses aliases)."""
+    state = dict(model.state_dict() if state is None else state)
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
-def save_checkpoint(out: str | os.PathLike[str], model: GPT, tokenizer: Tokenizer) -> Path:
-    """Write the three files of a checkpoint folder, each atomically."""
+def save_checkpoint(out: str | os.PathLike[str], model: GPT, tokenizer: Tokenizer,
+                    state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the three files of a checkpoint folder, each atomically; `state` replaces the model's own weights
+    (a full state gathered from sharded training)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    state = model_state(model)
+    state = model_state(model, state)
     atomic_write(out / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     atomic_write(out / TOKENIZER, tokenizer.save)
     config = {"gptlab_version": __version__, "model": model.config.to_dict()}

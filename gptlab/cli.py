@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import yaml
 
+from gptlab.data.sources import DEFAULT_EXTENSIONS
 from gptlab.errors import GptlabError
+from gptlab.train.config import add_section_flags
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,14 +43,19 @@ def _load_config(path: str) -> dict[str, Any]:
 def _apply_config(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
     """Parse once to find --config, take its values as defaults, then parse again so that flags win."""
     args = parser.parse_args(argv)
+    args.config_sections = {}
     if getattr(args, "config", None):
         known = {a.dest for a in parser._actions}
         values = {k.replace("-", "_"): v for k, v in _load_config(args.config).items()}
+        if "model.preset" in known:  # a verb with model/train sections: those are merged by the training config
+            args.config_sections = {k: values.pop(k) for k in ("model", "train") if k in values}
         unknown = sorted(set(values) - known)
         if unknown:
             raise GptlabError(f"{args.config}: unknown option(s) {', '.join(unknown)} for {parser.prog}")
         parser.set_defaults(**values)
+        sections = args.config_sections
         args = parser.parse_args(argv)
+        args.config_sections = sections
     return args
 
 
@@ -66,11 +74,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     llm = load(args.checkpoint, device=args.device, dtype=args.dtype)
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty, stop=args.stop or ())
-    n_prompt = len(llm.tokenizer.encode(args.prompt))
-    room = llm.model.config.block_size - n_prompt
-    if 0 < room < args.max_new_tokens:
-        print(f"gptlab: note: the context holds {llm.model.config.block_size} tokens; generation stops after "
-              f"{room} new tokens", file=sys.stderr)
     if args.stream and not args.json:
         sys.stdout.write(args.prompt)
         for piece in llm.stream(args.prompt, **kwargs):
@@ -84,6 +87,45 @@ def cmd_generate(args: argparse.Namespace) -> int:
                          ensure_ascii=False))
     else:
         print(args.prompt + done.text)
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from gptlab.data.prepare import prepare
+
+    meta = prepare(args.sources, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                   val_fraction=args.val_fraction, extensions=args.ext.split(","), text_field=args.text_field,
+                   progress=not args.quiet)
+    print(f"prepared {meta['documents']:,} documents ({meta['bytes'] / 1e6:.1f} MB) -> {meta['train_tokens']:,} "
+          f"train + {meta['val_tokens']:,} val tokens ({meta['dtype']}, vocabulary {meta['vocab_size']:,}) in "
+          f"{args.out}; {meta['seconds']:.1f} s, {meta['mb_per_s']:.2f} MB/s"
+          + (f"; skipped {len(meta['skipped'])}" if meta["skipped"] else ""))
+    return 0
+
+
+def section_flags(args: argparse.Namespace) -> dict[str, str]:
+    return {k: v for k, v in vars(args).items() if "." in k}
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gptlab.data.loader import TokenShards
+    from gptlab.train.config import TrainConfig, merge_sections, model_config
+    from gptlab.train.loop import Run, train
+
+    if not args.data or not args.out:
+        raise GptlabError("pretrain needs --data DIR and --out DIR (on the command line or in --config)")
+    sections = merge_sections(args.config_sections, section_flags(args), args.config or "config")
+    data = TokenShards(args.data)
+    tokenizer = data.tokenizer()
+    run = Run(model=model_config(sections["model"], tokenizer.vocab_size), train=TrainConfig(**sections["train"]),
+              data=data, tokenizer=tokenizer, out=Path(args.out), resume=args.resume, progress=not args.quiet)
+    last = train(run)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: step {last.get('step')}, loss {last.get('loss')}"
+              + (f", val loss {last['val_loss']:.4f}" if "val_loss" in last else "")
+              + f"; checkpoint, metrics.jsonl and loss.png in {args.out}")
     return 0
 
 
@@ -125,6 +167,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="*", help="presets to show (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--sizes", action="store_true", help="also show the weights' size at fp32, fp16/bf16, int8, int4")
+
+    p = _verb(sub, "prepare", cmd_prepare, "tokenize text into train.bin / val.bin shards for pretraining")
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="text file, folder (recursive), JSONL file, or `stdlib` (Python's own source)")
+    p.add_argument("--out", required=True, help="new data folder")
+    p.add_argument("--tokenizer", default="bpe", help="bpe (train one), char, or a tokenizer.json / folder")
+    p.add_argument("--vocab-size", type=int, default=4096, help="for a trained BPE")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--ext", default=",".join(DEFAULT_EXTENSIONS), help="file endings read from folders")
+    p.add_argument("--text-field", default="text", help="the field of a JSONL record that holds the text")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = _verb(sub, "pretrain", cmd_pretrain, "train a model from scratch on prepared data (torchrun for many GPUs)")
+    p.add_argument("--data", help="prepared data folder (gptlab prepare)")
+    p.add_argument("--out", help="run folder: checkpoint, metrics.jsonl, loss.png")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_section_flags(p)
 
     p = _verb(sub, "generate", cmd_generate, "generate text from a checkpoint")
     p.add_argument("checkpoint", help="checkpoint folder")

@@ -145,23 +145,44 @@ class Engine:
     @torch.inference_mode()
     def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingParams,
                      eos_id: int | None = None) -> Iterator[torch.Tensor]:
-        """Yield the next token of every row (B,) each step.
+        """Yield the next token of every row (B,) each step, until `max_new_tokens` or every row has produced
+        `eos_id` (finished rows go on producing tokens, which callers drop).
 
         Prompts of different lengths are left-padded; each row's positions start at 0 on its first real token, as in
-        Hugging Face's batched generation. Generation stops after `max_new_tokens`, when every row has produced
-        `eos_id`, or when the context is full (the prompt plus new tokens never exceed `block_size`).
+        Hugging Face's batched generation. A prompt must be shorter than the context. When prompt and new tokens
+        fill the context, generation goes on from the last half of the context (the first tokens slide out, as when
+        nanoGPT crops its input), so a model with a short context can still write a long text.
         """
         for p in prompts:
             self.check_prompt(p)
         if max_new_tokens < 0:
             raise GptlabError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        generator = None
+        if sampling.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        rows = [list(p) for p in prompts]
+        finished = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
+        keep = max(1, self.model.config.block_size // 2)
+        while max_new_tokens > 0:
+            for token in self._window(rows, max_new_tokens, sampling, generator):
+                yield token
+                max_new_tokens -= 1
+                for row, t in zip(rows, token.tolist()):
+                    row.append(t)
+                if eos_id is not None:
+                    finished |= token == eos_id
+                    if bool(finished.all()):
+                        return
+            rows = [row[-keep:] for row in rows]
+
+    def _window(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingParams,
+                generator: torch.Generator | None) -> Iterator[torch.Tensor]:
+        """Prefill `prompts`, then decode from the cache until `max_new_tokens` or the context is full."""
         cfg, dev = self.model.config, self.device
         B = len(prompts)
         lens = torch.tensor([len(p) for p in prompts], device=dev)  # (B,)
         T0 = int(lens.max())
         steps = min(max_new_tokens, cfg.block_size - T0)
-        if steps == 0:
-            return
         use_graph = dev.type == "cuda" and self.cuda_graphs and steps > 1
         graphed = self._graphed_step(B, T0 + steps) if use_graph else None
         cache = graphed.cache if graphed else KVCache(cfg, B, T0 + steps, dev, self.model.transformer.wte.weight.dtype)
@@ -171,22 +192,14 @@ class Engine:
             idx[b, : T0 - len(p)] = p[0]  # pads repeat a real token: harmless for the repetition penalty
             cache.valid[b, T0 - len(p): T0] = True
         pos = (torch.arange(T0, device=dev)[None] - (T0 - lens)[:, None]).clamp(min=0)  # (B, T0)
-        generator = None
-        if sampling.seed is not None:
-            generator = torch.Generator(device=dev).manual_seed(sampling.seed)
         history = idx if sampling.repetition_penalty != 1.0 else None
 
         cache.begin(torch.arange(T0, device=dev), T0)
         logits = self.model(idx, pos=pos, cache=cache, last_only=True)[:, -1]  # (B, vocab)
         next_pos = lens.clone()
-        finished = torch.zeros(B, dtype=torch.bool, device=dev)
         for step in range(steps):
             token = sample(logits, sampling, generator, history)  # (B,)
             yield token
-            if eos_id is not None:
-                finished |= token == eos_id
-                if bool(finished.all()):
-                    return
             if step == steps - 1:
                 return
             slot = T0 + step

@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
@@ -124,6 +125,7 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.activation_checkpointing = False  # recompute each block in backward: less memory, ~1/3 more compute
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
@@ -140,6 +142,28 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def resize_vocab(self, vocab_size: int) -> None:
+        """Grow the token embedding (and an untied head) to `vocab_size` rows, e.g. after adding task tokens.
+
+        New rows start at the mean of the existing ones, as Hugging Face's `resize_token_embeddings` does, so a new
+        token begins as an average token rather than a random direction.
+        """
+        old = self.config.vocab_size
+        if vocab_size <= old:
+            return
+        wte = self.transformer.wte.weight  # (V, C)
+        grown = torch.cat([wte.data, wte.data.mean(0, keepdim=True).expand(vocab_size - old, -1)])
+        self.transformer.wte = nn.Embedding(vocab_size, self.config.n_embd, device=wte.device, dtype=wte.dtype)
+        self.transformer.wte.weight.data.copy_(grown)
+        if self.config.tie_embeddings:
+            self.lm_head = nn.Linear(self.config.n_embd, vocab_size, bias=False, device=wte.device, dtype=wte.dtype)
+            self.lm_head.weight = self.transformer.wte.weight
+        else:
+            head = self.lm_head.weight.data
+            self.lm_head = nn.Linear(self.config.n_embd, vocab_size, bias=False, device=wte.device, dtype=wte.dtype)
+            self.lm_head.weight.data.copy_(torch.cat([head, head.mean(0, keepdim=True).expand(vocab_size - old, -1)]))
+        self.config.vocab_size = vocab_size
 
     def num_params(self) -> int:
         """Parameters counted once each (the tied head is the embedding), as Hugging Face's `num_parameters()`."""
@@ -162,7 +186,10 @@ class GPT(nn.Module):
             pos = torch.arange(T, device=idx.device)[None]  # (1, T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x, cache)
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, cache)
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)

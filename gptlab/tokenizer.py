@@ -10,7 +10,7 @@ import os
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from gptlab.errors import GptlabError
 
@@ -52,6 +52,29 @@ class Tokenizer:
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         tok.backend.train_from_iterator(texts, trainer)
         return tok
+
+    @classmethod
+    def train_char(cls, texts: Iterable[str], special_tokens: Iterable[str] = ()) -> Tokenizer:
+        """One token per character seen in `texts`, plus the 256 bytes as fallback tokens, so that a character never
+        seen still round-trips (as its UTF-8 bytes) instead of becoming an unknown token."""
+        chars: set[str] = set()
+        for text in texts:
+            chars.update(text)
+        specials = [EOS, *[s for s in special_tokens if s != EOS]]
+        byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+        vocab = {tok: i for i, tok in enumerate([*specials, *byte_tokens, *sorted(chars)])}
+        backend = HFTokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+        backend.normalizer = normalizers.Sequence([])  # keep the text exactly as it is
+        backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+        backend.add_special_tokens(specials)
+        return Tokenizer(backend)
+
+    def add_special_tokens(self, tokens: Iterable[str]) -> list[int]:
+        """Add tokens that are never split (task tokens such as `<to-fr>`, chat roles); returns their ids. A model
+        trained with this tokenizer must grow its embedding to `vocab_size` (`GPT.resize_vocab`)."""
+        tokens = list(tokens)
+        self.backend.add_special_tokens(tokens)
+        return [self.backend.token_to_id(t) for t in tokens]
 
     @staticmethod
     def _byte_level(model: models.Model) -> Tokenizer:

@@ -106,9 +106,15 @@ def test_top_k_one_is_greedy(model):
     assert top1 == uncached_greedy(model, [4, 5], 20)
 
 
-def test_generation_stops_at_the_context(model):
-    prompt = list(range(60))
-    assert len(list(Engine(model).generate_ids([prompt], 50, GREEDY))) == 64 - 60
+def test_generation_slides_past_the_context(model):
+    """Up to the context, plain cached decoding; then the last half of the context is the new prompt."""
+    prompt = list(range(50))
+    got = [int(t) for t in Engine(model).generate_ids([prompt], 40, GREEDY)]
+    assert len(got) == 40
+    first = uncached_greedy(model, prompt, 14)  # 50 + 14 = 64 fills the context
+    assert got[:14] == first
+    window = (prompt + first)[-32:]
+    assert got[14:40] == uncached_greedy(model, window, 26)
     with pytest.raises(GptlabError, match="context is 64 tokens"):
         list(Engine(model).generate_ids([list(range(64))], 5, GREEDY))
 

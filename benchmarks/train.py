@@ -1,0 +1,115 @@
+"""Training step speed: gptlab's own step (`gptlab.train.loop.train_step`, fused AdamW) vs Hugging Face
+`GPT2LMHeadModel` with `torch.optim.AdamW`, same shapes, same data, interleaved in one process.
+
+    python benchmarks/train.py [--shapes quickstart,gpt2] [--steps 20] [--compile]
+
+quickstart: 4 layers, 4 heads, 128 wide, context 64, batch 12, a character vocabulary.
+gpt2: GPT-2 124M, context 256, batch 4.
+Each shape runs in float32 and under bf16 autocast, both libraries alike; ratios are to transformers in float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from gptlab.config import ModelConfig
+from gptlab.model import GPT
+from gptlab.train.config import TrainConfig
+from gptlab.train.distributed import Dist
+from gptlab.train.loop import train_step
+from gptlab.train.optim import build_optimizer
+
+SHAPES = {
+    "quickstart": (ModelConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=512), 12),
+    "gpt2": (ModelConfig(), 4),
+}
+
+
+def gptlab_step(cfg: ModelConfig, batch: int, data: torch.Tensor, dtype: str, compiled: bool
+                ) -> Callable[[int], None]:
+    """gptlab's real training step: the loop's `train_step` with the loop's optimizer."""
+    tcfg = TrainConfig(batch_size=batch, dtype=dtype, lr=1e-4, warmup_steps=0)
+    torch.manual_seed(0)
+    model = GPT(cfg).train()
+    d = Dist()
+    opt = build_optimizer(list(model.named_parameters()), tcfg, d.device)
+    params = list(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    forward = torch.compile(model) if compiled else model
+
+    def step(i: int) -> None:
+        rows = data[i % len(data)]  # (B, T+1)
+        train_step(forward, model, opt, scaler, params, tcfg, d, lambda _: (rows[:, :-1], rows[:, 1:]))
+    return step
+
+
+def hf_step(cfg: ModelConfig, data: torch.Tensor, dtype: str) -> Callable[[int], None]:
+    """The usual Hugging Face loop: GPT2LMHeadModel, torch.optim.AdamW, clipping."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                                       n_positions=cfg.block_size, vocab_size=cfg.vocab_size, resid_pdrop=0.0,
+                                       embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+
+    def step(i: int) -> None:
+        x = data[i % len(data), :, :-1]  # transformers shifts the labels itself
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            loss = model(x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="quickstart,gpt2")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also time gptlab with train.compile")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    args = parser.parse_args()
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    print(f"# torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")
+    print("| shape | variant | tokens/s | ratio to transformers |")
+    print("|---|---|---:|---:|")
+    for shape in args.shapes.split(","):
+        cfg, batch = SHAPES[shape]
+        T, V = cfg.block_size, cfg.vocab_size  # noqa: N806
+        g = torch.Generator().manual_seed(0)
+        data = torch.randint(0, V, (args.steps * 4, batch, T + 1), generator=g)
+        variants = {}
+        for dtype in args.dtypes.split(","):
+            variants[f"transformers {dtype}"] = hf_step(cfg, data, dtype)
+            variants[f"gptlab {dtype}"] = gptlab_step(cfg, batch, data, dtype, False)
+            if args.compile:
+                variants[f"gptlab {dtype} compiled"] = gptlab_step(cfg, batch, data, dtype, True)
+        for fn in variants.values():  # warm-up (and compile)
+            for i in range(3):
+                fn(i)
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        for _ in range(args.rounds):
+            for name, fn in variants.items():
+                t0 = time.perf_counter()
+                for i in range(args.steps):
+                    fn(i)
+                times[name].append((time.perf_counter() - t0) / args.steps)
+        tps = {k: batch * T / statistics.median(v) for k, v in times.items()}
+        base = tps[f"transformers {args.dtypes.split(',')[0]}"]
+        for name, value in tps.items():
+            print(f"| {shape} | {name} | {value:,.0f} | {value / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

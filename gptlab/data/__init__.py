@@ -1,0 +1,1 @@
+"""Data: sources of text, corpus preparation into token shards, and batch loading."""

@@ -1,0 +1,174 @@
+"""Training configuration, and the one contract that YAML files and command-line flags share.
+
+`--model gpt2` picks a preset and `--model.n_layer 4` sets a field, as `model: gpt2` or `model: {preset: gpt2,
+n_layer: 4}` do in YAML; training settings live under `train` (`--train.max_steps 100`, `train: {max_steps: 100}`).
+Flags win over the file, the file over the preset, the preset over the defaults. The flags are generated from the
+dataclasses' typed fields, so a new field is a new flag with no second list to keep in sync.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from gptlab.config import ModelConfig
+from gptlab.errors import GptlabError
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 12  # sequences per micro-batch, summed over all processes
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 6e-4
+    min_lr: float | None = None  # the floor of the cosine; None means lr / 10
+    warmup_steps: int = 100
+    lr_decay_steps: int | None = None  # where the cosine reaches min_lr; None means max_steps
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    log_every: int = 10
+    eval_every: int = 100  # 0 disables evaluation
+    eval_steps: int = 20
+    save_every: int = 100  # checkpoints also at the end
+    seed: int = 1337
+    dtype: str = "float32"  # autocast dtype: float32 (off), bfloat16 or float16
+    compile: bool = False
+    activation_checkpointing: bool = False
+    distributed: str = "ddp"  # under torchrun: ddp, or fsdp (FSDP2 fully_shard) for models that do not fit one GPU
+    device: str | None = None  # default: cuda if present, else cpu
+    tensorboard: bool = False
+    threads: int | None = None  # CPU threads; None keeps PyTorch's choice (one per physical core)
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise GptlabError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise GptlabError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise GptlabError(f"train.lr must be > 0, got {self.lr}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise GptlabError(f"train.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.distributed not in ("ddp", "fsdp"):
+            raise GptlabError(f"train.distributed must be ddp or fsdp, got {self.distributed!r}")
+
+    @property
+    def decay_steps(self) -> int:
+        return self.lr_decay_steps if self.lr_decay_steps is not None else self.max_steps
+
+    @property
+    def floor_lr(self) -> float:
+        return self.min_lr if self.min_lr is not None else self.lr / 10
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig}
+_SKIP = {"model": {"name"}}  # fields that are not settings
+
+
+def _fields(section: str) -> dict[str, Any]:
+    hints = typing.get_type_hints(SECTIONS[section])
+    skip = _SKIP.get(section, set())
+    return {f.name: hints[f.name] for f in dataclasses.fields(SECTIONS[section]) if f.name not in skip}
+
+
+def add_section_flags(parser: argparse.ArgumentParser) -> None:
+    """`--model PRESET`, `--model.FIELD VALUE` and `--train.FIELD VALUE` for every field."""
+    parser.add_argument("--model", dest="model.preset", default=argparse.SUPPRESS, metavar="PRESET",
+                        help="a preset from `gptlab presets`")
+    for section in SECTIONS:
+        group = parser.add_argument_group(f"{section} settings")
+        for name, kind in _fields(section).items():
+            group.add_argument(f"--{section}.{name}", dest=f"{section}.{name}", default=argparse.SUPPRESS,
+                               metavar=_type_name(kind))
+
+
+def _type_name(kind: Any) -> str:
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    return (args[0] if args else kind).__name__.upper()
+
+
+def coerce(value: Any, kind: Any, where: str) -> Any:
+    """Check (YAML) or convert (a flag's string) `value` to the field type `kind`; a clear error otherwise."""
+    options = [a for a in typing.get_args(kind)] if isinstance(kind, types.UnionType) else [kind]
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if type(None) in options:
+            return None
+        raise GptlabError(f"{where} cannot be empty")
+    for option in options:
+        if option is type(None):
+            continue
+        if option is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+        elif option is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, str):
+                try:
+                    return int(value)
+                except ValueError:
+                    pass
+        elif option is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+        elif option is str and isinstance(value, str):
+            return value
+    return _wrong_type(value, kind, where)
+
+
+def _wrong_type(value: Any, kind: Any, where: str) -> Any:
+    raise GptlabError(f"{where} must be {_type_name(kind).lower()}, got {value!r}")
+
+
+def merge_sections(file_values: dict[str, Any], flags: dict[str, str], where: str = "config"
+                   ) -> dict[str, dict[str, Any]]:
+    """{section: {field: value}} from a YAML mapping and dotted flags, every value type-checked."""
+    merged: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for section, values in file_values.items():
+        if section not in SECTIONS:
+            continue  # other top-level keys (data, out, ...) belong to the verb
+        if section == "model" and isinstance(values, str):
+            values = {"preset": values}
+        if not isinstance(values, dict):
+            raise GptlabError(f"{where}: `{section}` must be a mapping of field names to values")
+        for name, value in values.items():
+            merged[section][name] = _checked(section, name, value, f"{where}: {section}.{name}")
+    for dest, value in flags.items():
+        section, name = dest.split(".", 1)
+        merged[section][name] = _checked(section, name, value, f"--{dest}")
+    return merged
+
+
+def _checked(section: str, name: str, value: Any, where: str) -> Any:
+    if section == "model" and name == "preset":
+        return value
+    known = _fields(section)
+    if name not in known:
+        raise GptlabError(f"{where}: unknown field; {section} has {', '.join(known)}")
+    return coerce(value, known[name], where)
+
+
+def model_config(values: dict[str, Any], vocab_size: int) -> ModelConfig:
+    """The model config from a preset and fields; the vocabulary follows the data's tokenizer unless set, rounded
+    up to a multiple of 64 (faster matrix products; the extra rows are never produced by the tokenizer)."""
+    values = dict(values)
+    preset = values.pop("preset", None)
+    if "vocab_size" not in values:
+        values["vocab_size"] = -(-vocab_size // 64) * 64
+    elif values["vocab_size"] < vocab_size:
+        raise GptlabError(f"model.vocab_size {values['vocab_size']} is smaller than the tokenizer's {vocab_size}")
+    return ModelConfig.from_preset(preset, **values) if preset else ModelConfig(**values)

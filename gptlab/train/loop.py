@@ -1,0 +1,268 @@
+"""The one training loop: pretraining and every fine-tuning method run through `train`.
+
+What differs between them is a parameter, not a copy of this file: the `Method` decides which parameters train and
+what a checkpoint stores, and the `Batches` decide what a batch is (random windows of a token stream for pretraining,
+masked examples for fine-tuning). Everything else — schedule, accumulation, clipping, autocast, compile, evaluation,
+metrics, atomic checkpoints and exact resume, DDP/FSDP — is here once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from tqdm import tqdm
+
+from gptlab.checkpoint import CONFIG, TOKENIZER, load_model, read_weights, save_checkpoint
+from gptlab.config import ModelConfig
+from gptlab.errors import GptlabError
+from gptlab.model import GPT
+from gptlab.tokenizer import Tokenizer
+from gptlab.train import distributed, state
+from gptlab.train.config import TrainConfig
+from gptlab.train.metrics import Metrics, flops_per_token, peak_flops
+from gptlab.train.optim import build_optimizer, lr_at
+
+
+class Batches(Protocol):
+    """Inputs and targets (B, T) as a pure function of the key; targets of -100 are not scored."""
+
+    def batch(self, split: str, key: tuple[int, ...], batch_size: int, block_size: int
+              ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def check(self, block_size: int, batch_size: int, need_val: bool) -> None: ...
+
+
+class Method:
+    """Full training: every parameter trains and a checkpoint is the whole model. Fine-tuning methods override."""
+
+    name = "full"
+
+    def attach(self, model: GPT) -> None:
+        """Wrap or freeze parts of `model` before training (full training changes nothing)."""
+
+    def trainable(self, model: GPT) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def save(self, folder: Path, model: GPT, weights: dict[str, torch.Tensor], tokenizer: Tokenizer) -> None:
+        save_checkpoint(folder, model, tokenizer, state=weights)
+
+
+@dataclass
+class Run:
+    model: ModelConfig
+    train: TrainConfig
+    data: Batches
+    tokenizer: Tokenizer
+    out: Path
+    resume: bool = False
+    method: Method = field(default_factory=Method)
+    progress: bool = True
+
+
+def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
+def _full_state(model: GPT, optimizer: torch.optim.Optimizer | None, d: distributed.Dist
+                ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Full (unsharded) model and optimizer state on the CPU, keyed by parameter name, whatever the wrapping."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=opts)
+    optim = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
+    return weights, optim
+
+
+def _check_out(run: Run) -> dict[str, Any] | None:
+    """The saved state to resume from, or None for a fresh run; refuses to start over an existing run."""
+    out = run.out
+    if run.resume:
+        state.recover(out)
+        saved = state.load_train_state(out)
+        stored = json.loads((out / TOKENIZER).read_text()) if (out / TOKENIZER).is_file() else None
+        if stored != json.loads(run.tokenizer.backend.to_str()):
+            raise GptlabError(f"the data's tokenizer does not match the one in {out}; resume with the same data")
+        return saved
+    if (out / state.TRAIN_STATE).exists() or (out / state.STAGING).exists():
+        raise GptlabError(f"{out} already holds a training run; pass --resume to continue it, or choose a new --out")
+    return None
+
+
+def train(run: Run) -> dict[str, Any]:
+    """Train until `train.max_steps`; returns the last logged record. Raises GptlabError on a user error or NaN."""
+    cfg = run.train
+    d = distributed.setup(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.batch_size % d.world:
+        raise GptlabError(f"train.batch_size {cfg.batch_size} must be divisible by the number of processes {d.world}")
+    saved = _check_out(run)
+    model_cfg = ModelConfig.from_json(str(run.out / CONFIG)) if saved else run.model
+    run.data.check(model_cfg.block_size, cfg.batch_size, need_val=cfg.eval_every > 0)
+
+    torch.manual_seed(cfg.seed)
+    if saved:
+        model = load_model(model_cfg, read_weights(run.out / "model.safetensors"), str(run.out))
+    else:
+        model = GPT(model_cfg)
+    run.method.attach(model)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    model.to(d.device).train()
+    wrapped = distributed.wrap(model, d, cfg.distributed)
+    named = run.method.trainable(model)  # after wrapping: FSDP replaces the parameters with sharded ones
+    params = [p for _, p in named]
+    optimizer = build_optimizer(named, cfg, d.device, sharded=d.active and cfg.distributed == "fsdp")
+    start = 0
+    if saved:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
+        start = int(saved["step"])
+        torch.set_rng_state(saved["rng"]["cpu"])
+        if d.device.type == "cuda" and saved["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(saved["rng"]["cuda"], d.device)
+    forward = torch.compile(wrapped) if cfg.compile else wrapped
+    scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.dtype == "float16")
+
+    metrics = Metrics(run.out, start if saved else None, cfg.tensorboard) if d.main else None
+    n_params = model.num_params()
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * model_cfg.block_size
+    peak = peak_flops(d.device)
+    rows = slice(d.rank * cfg.batch_size // d.world, (d.rank + 1) * cfg.batch_size // d.world)
+    bar = tqdm(total=cfg.max_steps, initial=start, desc=run.method.name, disable=not (d.main and run.progress),
+               dynamic_ncols=True, mininterval=1.0)
+    last: dict[str, Any] = {}
+    last_saved, logged_step = start, start
+
+    def save(step: int) -> None:
+        weights, optim = _full_state(model, optimizer, d)
+        if d.main:
+            rng = {"cpu": torch.get_rng_state(),
+                   "cuda": torch.cuda.get_rng_state(d.device) if d.device.type == "cuda" else None}
+            train_state = {"step": step, "optimizer": optim, "rng": rng, "tokens_seen": step * tokens_per_step,
+                           "train_config": asdict(cfg), "method": run.method.name}
+
+            def write(folder: Path) -> None:
+                run.method.save(folder, model, weights, run.tokenizer)
+                torch.save(train_state, folder / state.TRAIN_STATE)
+
+            state.save(run.out, write)
+        distributed.barrier(d)
+
+    if d.main:
+        run.out.mkdir(parents=True, exist_ok=True)
+    try:
+        t_last, t_paused = time.perf_counter(), 0.0
+        for step in range(start, cfg.max_steps):
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = train_step(forward, wrapped, optimizer, scaler, params, cfg, d,
+                                  lambda micro, step=step: run.data.batch("train", (cfg.seed, step, micro),
+                                                                          cfg.batch_size, model_cfg.block_size),
+                                  rows)
+
+            done = step + 1
+            loss_value = distributed.mean(loss_sum, d).item()
+            if not math.isfinite(loss_value):
+                raise GptlabError(f"the loss became {loss_value} at step {done}; training stopped. The last good "
+                                  f"checkpoint (step {last_saved}) is in {run.out}" if last_saved else
+                                  f"the loss became {loss_value} at step {done}; training stopped before any "
+                                  "checkpoint was saved (try a lower train.lr)")
+            if done % cfg.log_every == 0 or done == cfg.max_steps or done == start + 1:
+                now = time.perf_counter()
+                tps = tokens_per_step * (done - logged_step) / max(now - t_last - t_paused, 1e-9)
+                t_last, logged_step, t_paused = now, done, 0.0
+                last = {"step": done, "loss": round(loss_value, 6), "lr": lr, "tokens_per_s": round(tps, 1)}
+                mfu = tps * flops_per_token(model_cfg, n_params) / peak if peak else None
+                if metrics:
+                    metrics.log(**last, **({"mfu": round(mfu, 4)} if mfu is not None else {}))
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}",
+                                mfu=f"{mfu:.1%}" if mfu is not None else "unknown")
+            bar.update(1)
+            t_pause = time.perf_counter()  # tokens/s counts training steps, not evaluation or saving
+            if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+                val = evaluate(forward, run.data, cfg, model_cfg, d, rows)
+                if metrics:
+                    metrics.log(step=done, val_loss=round(val, 6), val_ppl=round(math.exp(min(val, 50)), 3))
+                    metrics.plot()
+                if d.main and run.progress:
+                    bar.write(f"step {done}: val loss {val:.4f}")
+                last["val_loss"] = val
+            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps:
+                save(done)
+                last_saved = done
+            t_paused += time.perf_counter() - t_pause
+    finally:
+        bar.close()
+        if metrics:
+            metrics.close()
+        distributed.teardown(d)
+    return last
+
+
+def train_step(forward: torch.nn.Module, wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, params: list[torch.nn.Parameter], cfg: TrainConfig,
+               d: distributed.Dist, batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+               rows: slice = slice(None)) -> torch.Tensor:
+    """One optimizer step over `grad_accum` micro-batches; returns the summed (already averaged) loss."""
+    loss_sum = torch.zeros((), device=d.device)
+    for micro in range(cfg.grad_accum):
+        x, y = batch(micro)
+        x, y = x[rows].to(d.device, non_blocking=True), y[rows].to(d.device, non_blocking=True)
+        sync = micro == cfg.grad_accum - 1
+        with _no_sync(wrapped, d, cfg.distributed, sync), autocast(d.device, cfg.dtype):
+            _, loss = forward(x, y)
+            loss = loss / cfg.grad_accum
+        scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    if cfg.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum
+
+
+def _no_sync(wrapped: torch.nn.Module, d: distributed.Dist, strategy: str, sync: bool
+             ) -> contextlib.AbstractContextManager:
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulated step."""
+    if not d.active or sync:
+        if d.active and strategy == "fsdp":
+            wrapped.set_requires_gradient_sync(True)
+        return contextlib.nullcontext()
+    if strategy == "fsdp":
+        wrapped.set_requires_gradient_sync(False)
+        return contextlib.nullcontext()
+    return wrapped.no_sync()
+
+
+@torch.no_grad()
+def evaluate(forward: torch.nn.Module, data: Batches, cfg: TrainConfig, model_cfg: ModelConfig,
+             d: distributed.Dist, rows: slice) -> float:
+    """Mean loss over `eval_steps` val batches, the same batches at every evaluation."""
+    forward.eval()
+    total = torch.zeros((), device=d.device)
+    for i in range(cfg.eval_steps):
+        x, y = data.batch("val", (cfg.seed, i), cfg.batch_size, model_cfg.block_size)
+        with autocast(d.device, cfg.dtype):
+            _, loss = forward(x[rows].to(d.device), y[rows].to(d.device))
+        total += loss.float()
+    forward.train()
+    return distributed.mean(total / cfg.eval_steps, d).item()

@@ -1,0 +1,74 @@
+"""Checkpoints of a training run, committed atomically as a whole.
+
+A checkpoint is several files (weights, tokenizer, config, optimizer state) that must agree with each other. They are
+written into `OUT/.staging/`, flushed, and marked complete; only then are they renamed into `OUT/` one by one. A run
+killed before the mark leaves the previous checkpoint untouched (the staging folder is dropped); a run killed during
+the renames is finished by `recover` on the next start. Either way `OUT/` holds one whole checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gptlab.errors import GptlabError
+
+STAGING = ".staging"
+COMPLETE = "COMPLETE"
+TRAIN_STATE = "train_state.pt"
+
+
+def recover(out: Path) -> None:
+    """Finish a commit that a killed run began, or drop one it never marked complete."""
+    staging = out / STAGING
+    if not staging.exists():
+        return
+    if (staging / COMPLETE).exists():
+        _commit(out)
+    else:
+        shutil.rmtree(staging)
+
+
+def save(out: Path, write: Callable[[Path], None]) -> None:
+    """Write a checkpoint's files with `write(folder)`, then commit them into `out` all or nothing."""
+    recover(out)
+    staging = out / STAGING
+    staging.mkdir(parents=True)
+    try:
+        write(staging)
+        for f in staging.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        (staging / COMPLETE).touch()
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise GptlabError(f"could not save the checkpoint in {out}: {e.strerror or e}; the previous checkpoint "
+                          "there is intact") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _commit(out)
+
+
+def _commit(out: Path) -> None:
+    staging = out / STAGING
+    for f in sorted(staging.iterdir()):
+        if f.name != COMPLETE:
+            os.replace(f, out / f.name)
+    (staging / COMPLETE).unlink()
+    staging.rmdir()
+
+
+def load_train_state(out: Path) -> dict[str, Any]:
+    path = out / TRAIN_STATE
+    if not path.is_file():
+        raise GptlabError(f"{out} holds no resumable run (no {TRAIN_STATE}); start one without --resume")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise GptlabError(f"cannot read {path}: {e}") from None

@@ -1,0 +1,119 @@
+"""Tokenizers and corpus preparation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gptlab.config import ModelConfig
+from gptlab.data.loader import TokenShards
+from gptlab.data.prepare import prepare, token_dtype
+from gptlab.data.sources import stdlib_files
+from gptlab.errors import GptlabError
+from gptlab.model import GPT
+from gptlab.tokenizer import Tokenizer
+
+from .conftest import TEXT
+
+CHAR = Tokenizer.train_char([TEXT])
+BPE = Tokenizer.train_bpe([TEXT], vocab_size=300)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=200))
+def test_any_text_round_trips(text):
+    for tok in (BPE, CHAR):
+        assert tok.decode(tok.encode(text)) == text
+
+
+@pytest.mark.parametrize("text", ["🙂🙃 emoji", "\u00a0nbsp\u2003em\u3000ideographic", "\r\n\t\x0b\x0c", "\x00 nul",
+                                  "e\u0301 combining", "日本語のテキスト"])
+def test_unusual_text_round_trips(text):
+    for tok in (BPE, CHAR):
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_gpt2_files_load(tmp_path):
+    """vocab.json + merges.txt give the same ids as the tokenizer they were written from."""
+    data = json.loads(BPE.backend.to_str())
+    (tmp_path / "vocab.json").write_text(json.dumps(data["model"]["vocab"]))
+    merges = ["#version: 0.2"] + [" ".join(m) if isinstance(m, list) else m for m in data["model"]["merges"]]
+    (tmp_path / "merges.txt").write_text("\n".join(merges) + "\n")
+    tok = Tokenizer.from_vocab_merges(tmp_path / "vocab.json", tmp_path / "merges.txt")
+    assert tok.encode(TEXT[:500]) == BPE.encode(TEXT[:500]) and tok.eos_id == BPE.eos_id
+
+
+def test_special_tokens_grow_the_embedding():
+    tok = Tokenizer.train_bpe([TEXT], vocab_size=300)
+    (to_fr,) = tok.add_special_tokens(["<to-fr>"])
+    assert to_fr == 300 and tok.vocab_size == 301
+    ids = tok.encode("The train <to-fr> Le train")
+    assert ids.count(to_fr) == 1 and tok.decode(ids) == "The train <to-fr> Le train"
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=300))
+    before = model.transformer.wte.weight.detach().clone()
+    model.resize_vocab(tok.vocab_size)
+    assert model.transformer.wte.weight.shape == (301, 16) and model.lm_head.weight is model.transformer.wte.weight
+    torch.testing.assert_close(model.transformer.wte.weight[:300], before)
+    torch.testing.assert_close(model.transformer.wte.weight[300], before.mean(0))
+    assert model(torch.tensor([ids])).shape == (1, len(ids), 301)
+
+
+def test_prepare_folder_jsonl_and_skips(tmp_path, capsys):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text(TEXT)
+    (src / "sub" / "b.py").write_text("def f():\n    return 1\n" * 50)
+    (src / "c.bin").write_bytes(b"\x00\x01")  # not a text extension: ignored
+    (src / "latin1.txt").write_bytes("café crème".encode("latin-1"))  # not UTF-8: skipped with a message
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text('{"text": "first document"}\nnot json\n{"body": "no text field"}\n{"text": "second"}\n')
+    meta = prepare([str(src), str(jsonl)], tmp_path / "out", tokenizer="bpe", vocab_size=300, val_fraction=0.1,
+                   progress=False)
+    assert meta["documents"] == 4 and len(meta["skipped"]) == 3
+    err = capsys.readouterr().err
+    assert "latin1.txt: not UTF-8" in err and "docs.jsonl:2: not JSON" in err and "no string field 'text'" in err
+    shards = TokenShards(tmp_path / "out")
+    train, val = shards.data["train"], shards.data["val"]
+    assert len(train) == meta["train_tokens"] and len(val) == meta["val_tokens"] > 0
+    assert 0 < len(val) / (len(train) + len(val)) < 0.5
+    tok = shards.tokenizer()
+    text = tok.decode(np.concatenate([train, val]).tolist())
+    assert "first document" in text and "def f():" in text and text.count("<|endoftext|>") == 4
+
+
+def test_batches_are_a_function_of_the_key(tmp_path):
+    (tmp_path / "t.txt").write_text(TEXT * 5)
+    prepare([str(tmp_path / "t.txt")], tmp_path / "d", tokenizer="char", progress=False)
+    shards = TokenShards(tmp_path / "d")
+    x1, y1 = shards.batch("train", (1, 2, 3), 4, 16)
+    x2, _ = shards.batch("train", (1, 2, 3), 4, 16)
+    x3, _ = shards.batch("train", (1, 2, 4), 4, 16)
+    assert torch.equal(x1, x2) and not torch.equal(x1, x3)
+    assert x1.shape == (4, 16) and torch.equal(x1[:, 1:], y1[:, :-1])
+
+
+def test_prepare_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "e.txt").write_text("")
+    with pytest.raises(GptlabError, match="hold no text"):
+        prepare([str(tmp_path / "empty")], tmp_path / "o1", tokenizer="char", progress=False)
+    with pytest.raises(GptlabError, match="does not exist"):
+        prepare([str(tmp_path / "missing.txt")], tmp_path / "o2", progress=False)
+    (tmp_path / "t.txt").write_text(TEXT)
+    prepare([str(tmp_path / "t.txt")], tmp_path / "o3", tokenizer="char", progress=False)
+    with pytest.raises(GptlabError, match="already holds prepared data"):
+        prepare([str(tmp_path / "t.txt")], tmp_path / "o3", tokenizer="char", progress=False)
+    with pytest.raises(GptlabError, match="--tokenizer must be"):
+        prepare([str(tmp_path / "t.txt")], tmp_path / "o4", tokenizer="wordpiece", progress=False)
+    assert token_dtype(50257) == np.uint16 and token_dtype(70000) == np.uint32
+
+
+def test_stdlib_is_a_corpus():
+    files = stdlib_files()
+    assert len(files) > 100 and all(f.suffix == ".py" for f in files)
+    assert not any("site-packages" in f.parts for f in files)

@@ -1,0 +1,214 @@
+"""The one training loop: exact resume, survival of SIGKILL, DDP equal to one process, and clear errors."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from gptlab.cli import main
+from gptlab.data.loader import TokenShards
+from gptlab.data.prepare import prepare
+from gptlab.errors import GptlabError
+from gptlab.train import state
+from gptlab.train.config import TrainConfig, merge_sections, model_config
+from gptlab.train.loop import Run, train
+
+from .conftest import TEXT
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "dropout": 0.1}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp("corpus")
+    for i in range(6):
+        (src / f"doc{i}.txt").write_text(TEXT * 3 + f"document {i}\n")
+    out = tmp_path_factory.mktemp("data") / "char"
+    prepare([str(src)], out, tokenizer="char", val_fraction=0.2, progress=False)
+    return out
+
+
+def make_run(data: Path, out: Path, resume: bool = False, **train) -> Run:
+    shards = TokenShards(data)
+    tok = shards.tokenizer()
+    settings = dict(max_steps=8, batch_size=4, lr=3e-3, warmup_steps=2, log_every=1, eval_every=4, eval_steps=2,
+                    save_every=4, seed=7)
+    return Run(model=model_config(TINY, tok.vocab_size), train=TrainConfig(**{**settings, **train}), data=shards,
+               tokenizer=tok, out=out, resume=resume, progress=False)
+
+
+def losses(out: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_stopped_and_resumed_equals_uninterrupted(data, tmp_path):
+    train(make_run(data, tmp_path / "full", max_steps=8, lr_decay_steps=8))
+    train(make_run(data, tmp_path / "split", max_steps=4, lr_decay_steps=8))
+    train(make_run(data, tmp_path / "split", resume=True, max_steps=8, lr_decay_steps=8))
+    assert losses(tmp_path / "split") == losses(tmp_path / "full")
+    assert len(losses(tmp_path / "full")) == 8
+    a = (tmp_path / "full" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "split" / "model.safetensors").read_bytes()
+    for f in ("config.json", "tokenizer.json", "loss.png", "train_state.pt"):
+        assert (tmp_path / "full" / f).is_file()
+
+
+def test_training_lowers_the_loss_and_the_checkpoint_generates(data, tmp_path):
+    import gptlab
+
+    last = train(make_run(data, tmp_path / "run", max_steps=60, eval_every=30, save_every=30, warmup_steps=5))
+    first = losses(tmp_path / "run")[1]
+    assert last["loss"] < first - 1.0
+    assert isinstance(gptlab.load(tmp_path / "run", device="cpu").generate("The", max_new_tokens=5), str)
+
+
+def pretrain_cmd(data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "gptlab", "pretrain", "--data", str(data), "--out", str(out), "--quiet",
+            *[f"--model.{k}={v}" for k, v in TINY.items()], "--train.batch_size=4", "--train.log_every=1",
+            "--train.eval_every=0", "--train.lr=3e-3", "--train.seed=3", "--train.threads=1", *extra]
+
+
+def test_sigkill_at_any_moment_resumes_from_the_last_checkpoint(data, tmp_path):
+    steps = ["--train.max_steps=300", "--train.lr_decay_steps=300", "--train.save_every=3"]
+    subprocess.run(pretrain_cmd(data, tmp_path / "ref", *steps), check=True, capture_output=True)
+    proc = subprocess.Popen(pretrain_cmd(data, tmp_path / "run", *steps), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not (tmp_path / "run" / "train_state.pt").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(random.uniform(0.2, 0.6))  # somewhere in the middle of the run, quite possibly during a save
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert state.load_train_state(tmp_path / "run")["step"] < 300
+    done = subprocess.run(pretrain_cmd(data, tmp_path / "run", *steps, "--resume"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert losses(tmp_path / "run") == losses(tmp_path / "ref")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one(data, tmp_path, strategy):
+    common = ["--train.max_steps=4", "--train.grad_accum=2", f"--train.distributed={strategy}",
+              "--model.dropout=0.0"]
+    subprocess.run(pretrain_cmd(data, tmp_path / "one", *common), check=True, capture_output=True)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          *pretrain_cmd(data, tmp_path / "two", *common)[1:]], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    one_l, two_l = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert one_l.keys() == two_l.keys()
+    for step in one_l:
+        assert two_l[step] == pytest.approx(one_l[step], rel=1e-5, abs=1e-5)
+
+
+# -- the config contract ---------------------------------------------------------------------------------------
+def test_flags_win_over_the_file_which_wins_over_the_preset():
+    merged = merge_sections({"model": {"preset": "gpt2", "n_layer": 6}, "train": {"lr": 1e-3, "compile": True}},
+                            {"model.n_layer": "4", "train.max_steps": "9", "train.compile": "false"})
+    cfg = model_config(merged["model"], vocab_size=300)
+    assert (cfg.n_layer, cfg.n_embd, cfg.vocab_size) == (4, 768, 320)
+    tc = TrainConfig(**merged["train"])
+    assert (tc.lr, tc.max_steps, tc.compile, tc.decay_steps) == (1e-3, 9, False, 9)
+    assert merge_sections({"model": "gpt2-medium"}, {})["model"] == {"preset": "gpt2-medium"}
+
+
+@pytest.mark.parametrize("file,flags,message", [
+    ({"train": {"max_stepz": 3}}, {}, "train.max_stepz: unknown field"),
+    ({"train": {"lr": "fast"}}, {}, "train.lr must be float"),
+    ({}, {"model.n_layer": "four"}, "--model.n_layer must be int"),
+    ({"model": {"bias": "maybe"}}, {}, "model.bias must be bool"),
+])
+def test_config_errors(file, flags, message):
+    with pytest.raises(GptlabError, match=message.replace(".", r"\.")):
+        merge_sections(file, flags)
+
+
+def test_every_shipped_config_parses():
+    files = sorted((ROOT / "configs").glob("*.yaml"))
+    assert files
+    for path in files:
+        raw = yaml.safe_load(path.read_text())
+        merged = merge_sections(raw, {}, str(path))
+        model_config(merged["model"], vocab_size=50257)
+        TrainConfig(**merged["train"])
+        assert {"data", "out"} <= raw.keys()
+
+
+# -- bad input -------------------------------------------------------------------------------------------------
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def test_pretrain_bad_input(capsys, data, tmp_path):
+    noval = tmp_path / "noval"
+    prepare([str(data / "tokenizer.json")], noval, tokenizer="char", val_fraction=0.0, progress=False)
+    base = ["pretrain", "--data", str(data), "--quiet", "--model.n_layer=1", "--model.n_head=2", "--model.n_embd=16",
+            "--model.block_size=16"]
+    cases = [
+        (["pretrain", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "a")], "does not exist"),
+        ([*base, "--out", str(tmp_path / "b"), "--train.batch_size=100000"], "less than one batch"),
+        ([*base, "--out", str(tmp_path / "c"), "--train.nope=1"], "unrecognized arguments: --train.nope"),
+        ([*base, "--out", str(tmp_path / "d"), "--train.lr=abc"], "--train.lr must be float"),
+        ([*base, "--out", str(tmp_path / "e"), "--resume"], "no resumable run"),
+        ([*base, "--out", str(tmp_path / "f"), "--model.block_size=100000"], "less than one batch"),
+        (["pretrain", "--data", str(noval), "--out", str(tmp_path / "g"), "--model.block_size=16"],
+         "the val split has 0 tokens, fewer than one block"),
+    ]
+    for argv, message in cases:
+        code, err = run_cli(capsys, *argv)
+        assert code == 2 and message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    train(make_run(data, out, max_steps=4, save_every=4))
+    with pytest.raises(GptlabError, match=r"the loss became (nan|inf) at step (\d+).*checkpoint \(step (\d+)\)") as e:
+        train(make_run(data, out, resume=True, max_steps=40, lr=1e30, warmup_steps=0, save_every=1, grad_clip=0))
+    bad_step, good_step = map(int, re.search(r"at step (\d+).*\(step (\d+)\)", str(e.value)).groups())
+    assert good_step == bad_step - 1 == state.load_train_state(out)["step"]  # nothing saved after the NaN
+    assert all(torch.isfinite(t).all() for t in load_file(out / "model.safetensors").values())
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train(make_run(data, out, max_steps=4, save_every=4))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name not in ("metrics.jsonl", "loss.png")}
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(GptlabError, match="No space left on device; the previous checkpoint there is intact"):
+        train(make_run(data, out, resume=True, max_steps=8, save_every=4))
+    monkeypatch.undo()
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.name not in ("metrics.jsonl", "loss.png")}
+    assert after == before and not (out / state.STAGING).exists()
+    train(make_run(data, out, resume=True, max_steps=8, save_every=4))  # and the run goes on
+
+
+def test_resume_with_other_data_is_refused(data, tmp_path):
+    out = tmp_path / "run"
+    train(make_run(data, out, max_steps=2, save_every=2))
+    other = tmp_path / "other"
+    (tmp_path / "src.txt").write_text("completely different text " * 500)
+    prepare([str(tmp_path / "src.txt")], other, tokenizer="char", val_fraction=0.2, progress=False)
+    with pytest.raises(GptlabError, match="tokenizer does not match"):
+        train(make_run(other, out, resume=True, max_steps=4))
+    with pytest.raises(GptlabError, match="already holds a training run"):
+        train(make_run(data, out, max_steps=4))
