@@ -18,16 +18,23 @@ from collections.abc import Callable
 import torch
 
 from gptlab.config import ModelConfig
-from gptlab.model import GPT
+from gptlab.model import GPT, build_on_meta
 from gptlab.train.config import TrainConfig
 from gptlab.train.distributed import Dist
 from gptlab.train.loop import train_step
+from gptlab.train.metrics import flops_per_token, peak_flops
 from gptlab.train.optim import build_optimizer
 
 SHAPES = {
     "quickstart": (ModelConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=512), 12),
-    "gpt2": (ModelConfig(), 4),
+    "gpt2": (ModelConfig(block_size=256), 4),
+    "gpt2-1024": (ModelConfig(vocab_size=50304), 16),  # GPU: the context GPT-2 trained with
 }
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def gptlab_step(cfg: ModelConfig, batch: int, data: torch.Tensor, dtype: str, compiled: bool
@@ -35,11 +42,11 @@ def gptlab_step(cfg: ModelConfig, batch: int, data: torch.Tensor, dtype: str, co
     """gptlab's real training step: the loop's `train_step` with the loop's optimizer."""
     tcfg = TrainConfig(batch_size=batch, dtype=dtype, lr=1e-4, warmup_steps=0)
     torch.manual_seed(0)
-    model = GPT(cfg).train()
-    d = Dist()
+    d = Dist(device=data.device)
+    model = GPT(cfg).to(d.device).train()
     opt = build_optimizer(list(model.named_parameters()), tcfg, d.device)
     params = list(model.parameters())
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=False)
     forward = torch.compile(model) if compiled else model
 
     def step(i: int) -> None:
@@ -55,12 +62,13 @@ def hf_step(cfg: ModelConfig, data: torch.Tensor, dtype: str) -> Callable[[int],
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                                        n_positions=cfg.block_size, vocab_size=cfg.vocab_size, resid_pdrop=0.0,
-                                       embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)).train()
+                                       embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+                            ).to(data.device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
 
     def step(i: int) -> None:
         x = data[i % len(data), :, :-1]  # transformers shifts the labels itself
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        with torch.autocast(data.device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
             loss = model(x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -74,8 +82,12 @@ def main() -> None:
     parser.add_argument("--shapes", default="quickstart,gpt2")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant and round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
     parser.add_argument("--compile", action="store_true", help="also time gptlab with train.compile")
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=None, help="override the shape's batch size")
+    parser.add_argument("--only-compiled", action="store_true", help="skip gptlab's eager variant")
     args = parser.parse_args()
 
     import transformers
@@ -86,29 +98,37 @@ def main() -> None:
     print("|---|---|---:|---:|")
     for shape in args.shapes.split(","):
         cfg, batch = SHAPES[shape]
+        batch = args.batch or batch
         T, V = cfg.block_size, cfg.vocab_size  # noqa: N806
         g = torch.Generator().manual_seed(0)
-        data = torch.randint(0, V, (args.steps * 4, batch, T + 1), generator=g)
+        data = torch.randint(0, V, (args.steps * 4, batch, T + 1), generator=g).to(args.device)
         variants = {}
         for dtype in args.dtypes.split(","):
             variants[f"transformers {dtype}"] = hf_step(cfg, data, dtype)
-            variants[f"gptlab {dtype}"] = gptlab_step(cfg, batch, data, dtype, False)
+            if not args.only_compiled:
+                variants[f"gptlab {dtype}"] = gptlab_step(cfg, batch, data, dtype, False)
             if args.compile:
                 variants[f"gptlab {dtype} compiled"] = gptlab_step(cfg, batch, data, dtype, True)
         for fn in variants.values():  # warm-up (and compile)
-            for i in range(3):
+            for i in range(args.warmup):
                 fn(i)
         times: dict[str, list[float]] = {k: [] for k in variants}
         for _ in range(args.rounds):
             for name, fn in variants.items():
+                sync(args.device)
                 t0 = time.perf_counter()
                 for i in range(args.steps):
                     fn(i)
+                sync(args.device)
                 times[name].append((time.perf_counter() - t0) / args.steps)
+                print(f"# {shape} {name}: {times[name][-1]:.3f} s/step", flush=True)
         tps = {k: batch * T / statistics.median(v) for k, v in times.items()}
         base = tps[f"transformers {args.dtypes.split(',')[0]}"]
+        peak = peak_flops(torch.device(args.device))
+        flops = flops_per_token(cfg, build_on_meta(cfg).num_params())
         for name, value in tps.items():
-            print(f"| {shape} | {name} | {value:,.0f} | {value / base:.2f}x |")
+            mfu = f" (MFU {value * flops / peak:.1%} of {peak / 1e12:.0f} TFLOP/s)" if peak else ""
+            print(f"| {shape} | {name} | {value:,.0f}{mfu} | {value / base:.2f}x |")
 
 
 if __name__ == "__main__":
