@@ -167,7 +167,8 @@ def train(run: Run) -> dict[str, Any]:
     if d.main:
         run.out.mkdir(parents=True, exist_ok=True)
     try:
-        t_last, t_paused = time.perf_counter(), 0.0
+        t_start = t_last = time.perf_counter()  # elapsed_s counts from this (re)start
+        t_paused = 0.0
         for step in range(start, cfg.max_steps):
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
@@ -188,7 +189,8 @@ def train(run: Run) -> dict[str, Any]:
                 now = time.perf_counter()
                 tps = tokens_per_step * (done - logged_step) / max(now - t_last - t_paused, 1e-9)
                 t_last, logged_step, t_paused = now, done, 0.0
-                last = {"step": done, "loss": round(loss_value, 6), "lr": lr, "tokens_per_s": round(tps, 1)}
+                last = {"step": done, "loss": round(loss_value, 6), "lr": lr, "tokens_per_s": round(tps, 1),
+                        "elapsed_s": round(now - t_start, 2)}
                 mfu = tps * flops_per_token(model_cfg, n_params) / peak if peak else None
                 if metrics:
                     metrics.log(**last, **({"mfu": round(mfu, 4)} if mfu is not None else {}))
@@ -199,7 +201,8 @@ def train(run: Run) -> dict[str, Any]:
             if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
                 val = evaluate(forward, run.data, cfg, model_cfg, d, rows)
                 if metrics:
-                    metrics.log(step=done, val_loss=round(val, 6), val_ppl=round(math.exp(min(val, 50)), 3))
+                    metrics.log(step=done, val_loss=round(val, 6), val_ppl=round(math.exp(min(val, 50)), 3),
+                                elapsed_s=round(time.perf_counter() - t_start, 2))
                     metrics.plot()
                 if d.main and run.progress:
                     bar.write(f"step {done}: val loss {val:.4f}")
