@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= out
 
-.PHONY: install test test-slow lint demo bench clean
+.PHONY: install browser test test-slow lint demo bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,14 @@ install: $(STAMP)
 lint: install
 	$(PY) -m ruff check gptlab tests benchmarks examples
 
-test: install lint
+# The playground's browser test drives Debian's headless Chromium; installed here when missing and possible.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+	  echo "note: chromium is not installed; the playground's browser test will be skipped"
+
+test: install browser lint
 	$(PY) -m pytest -q
 
 test-slow: install
@@ -29,6 +36,8 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/generate.py
+	$(PY) benchmarks/train.py
+	$(PY) benchmarks/serve.py
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache

@@ -129,6 +129,18 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gptlab.checkpoint import check_folder
+    from gptlab.serve import serve
+
+    check_folder(args.checkpoint)
+    if args.max_concurrency < 1:
+        raise GptlabError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
+    serve(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key,
+          max_concurrency=args.max_concurrency, device=args.device, dtype=args.dtype)
+    return 0
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     from gptlab.interop.hf import import_hf
 
@@ -200,6 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help='print {"text": ..., "token_ids": [...]} (the new tokens)')
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
+
+    p = _verb(sub, "serve", cmd_serve, "serve a checkpoint over an OpenAI-compatible HTTP API, with a playground at /")
+    p.add_argument("checkpoint", help="checkpoint folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/ requests")
+    p.add_argument("--max-concurrency", type=int, default=1, help="requests generating at once; others wait")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
 
     p = _verb(sub, "import", cmd_import, "convert a Hugging Face model folder into a gptlab checkpoint")
     p.add_argument("format", choices=["hf"], help="source format")

@@ -229,8 +229,9 @@ class Engine:
             ids = [self.tokenizer.eos_id]  # GPT-2's convention: an empty prompt starts from <|endoftext|>
         return ids
 
-    def _run(self, prompts: Sequence[str], rows: list[TextStream], max_new_tokens: int, sampling: SamplingParams,
-             ) -> Iterator[tuple[int, str]]:
+    def stream_rows(self, prompts: Sequence[str], rows: list[TextStream], max_new_tokens: int,
+                    sampling: SamplingParams) -> Iterator[tuple[int, str]]:
+        """(row, text piece) as each row's text becomes final; `rows` (one `TextStream` each) keep the results."""
         ids = [self._encode(p) for p in prompts]
         eos = self.tokenizer.eos_id
         for tokens in self.generate_ids(ids, max_new_tokens, sampling, eos):
@@ -247,7 +248,7 @@ class Engine:
                  stop: Sequence[str] = ()) -> list[Completion]:
         """Generate for a batch of text prompts; one `Completion` each."""
         rows = [TextStream(self.tokenizer, stop, self.tokenizer.eos_id) for _ in prompts]
-        for _ in self._run(prompts, rows, max_new_tokens, sampling):
+        for _ in self.stream_rows(prompts, rows, max_new_tokens, sampling):
             pass
         return [r.completion() for r in rows]
 
@@ -255,7 +256,7 @@ class Engine:
                stop: Sequence[str] = ()) -> Iterator[str]:
         """Text pieces of one prompt's continuation as they are generated."""
         row = TextStream(self.tokenizer, stop, self.tokenizer.eos_id)
-        for _, piece in self._run([prompt], [row], max_new_tokens, sampling):
+        for _, piece in self.stream_rows([prompt], [row], max_new_tokens, sampling):
             yield piece
 
 

@@ -87,6 +87,8 @@ def bad_inputs(hf_pair, tmp_path):
         "unknown yaml key": (["generate", c, "--config", str(unknown)], "unknown option(s) temprature"),
         "bad device": (["generate", c, "--device", "tpu"], "unknown device"),
         "export over a folder": (["export", "hf", c, c], "not empty"),
+        "serve a missing folder": (["serve", str(tmp_path / "nope")], "does not exist"),
+        "serve with no slots": (["serve", c, "--max-concurrency", "0"], "--max-concurrency must be >= 1"),
     }
 
 

@@ -1,0 +1,81 @@
+"""Server throughput: requests per second and time to first token at 1, 8 and 32 concurrent streaming clients,
+with the official `openai` client against `gptlab serve`'s app on 127.0.0.1 (CPU).
+
+    python benchmarks/serve.py [--clients 1,8,32] [--requests 32] [--max-tokens 32] [--max-concurrency 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from gptlab.api import LLM
+from gptlab.config import ModelConfig
+from gptlab.data.sources import documents, stdlib_files
+from gptlab.inference import prepare_for_inference
+from gptlab.model import GPT
+from gptlab.serve import Server, create_app
+from gptlab.tokenizer import Tokenizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-concurrency", type=int, default=1, help="the server's generating slots")
+    args = parser.parse_args()
+
+    import openai
+    import uvicorn
+
+    texts = list(documents([("text", p) for p in stdlib_files()[:40]]))
+    tok = Tokenizer.train_bpe(texts, vocab_size=2048)
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=4, n_head=4, n_embd=256, block_size=256, vocab_size=tok.vocab_size)
+    llm = LLM(prepare_for_inference(GPT(cfg)), tok)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(Server(llm, "bench", args.max_concurrency)), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
+
+    def one(i: int) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        first = None
+        for chunk in client.completions.create(model="bench", prompt=f"def function_{i}(", max_tokens=args.max_tokens,
+                                               temperature=0.8, seed=i, stream=True):
+            if first is None and chunk.choices and chunk.choices[0].text:
+                first = time.perf_counter() - t0
+        return first if first is not None else time.perf_counter() - t0, time.perf_counter() - t0
+
+    one(0)  # warm-up
+    print(f"# model: {cfg.n_layer} layers x {cfg.n_embd}, prepacked weights; "
+          f"{args.max_tokens} new tokens per request; server slots {args.max_concurrency}; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("| concurrent clients | requests/s | tokens/s | TTFT median (s) | TTFT p90 (s) |")
+    print("|---:|---:|---:|---:|---:|")
+    for n in map(int, args.clients.split(",")):
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(n) as pool:
+            results = list(pool.map(one, range(args.requests)))
+        wall = time.perf_counter() - t0
+        ttft = sorted(r[0] for r in results)
+        p90 = ttft[min(len(ttft) - 1, int(0.9 * len(ttft)))]
+        print(f"| {n} | {args.requests / wall:.2f} | {args.requests * args.max_tokens / wall:.1f} | "
+              f"{statistics.median(ttft):.3f} | {p90:.3f} |")
+    server.should_exit = True
+
+
+if __name__ == "__main__":
+    main()

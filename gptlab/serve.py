@@ -1,0 +1,282 @@
+"""An OpenAI-compatible HTTP server (FastAPI + uvicorn) over the generation engine.
+
+Each request gets its own engine run and so its own KV cache; at most `max_concurrency` requests generate at once and
+the others wait their turn. A streaming client that disconnects sets a flag that its run checks after every token,
+so its slot frees at once. Errors use OpenAI's body (`{"error": {"message", "type", "param", "code"}}`) and a 4xx
+status; bad input never becomes a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gptlab.api import LLM
+from gptlab.errors import GptlabError
+from gptlab.generate import SamplingParams, TextStream
+
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+CHAT_STOPS = ["<|user|>", "<|system|>"]  # the end of the assistant's turn under the default template
+PLAYGROUND = Path(__file__).with_name("playground.html")
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)  # unknown fields are ignored, as OpenAI does
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = None
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str
+
+
+class ChatRequest(_Request):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+class Server:
+    """The model, its tokenizer and the admission of requests; the FastAPI app is built around one."""
+
+    def __init__(self, llm: LLM, model_name: str, max_concurrency: int = 1, chat_template: str | None = None,
+                 max_prompt_chars: int = 100_000) -> None:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        self.llm = llm
+        self.model_name = model_name
+        self.slots = threading.BoundedSemaphore(max_concurrency)
+        self.max_prompt_chars = max_prompt_chars
+        env = ImmutableSandboxedEnvironment()  # a checkpoint's template is data, never trusted code
+        self.chat_template = env.from_string(chat_template or DEFAULT_CHAT_TEMPLATE)
+        self.created = int(time.time())
+        self.abandoned = 0  # runs stopped early because their client went away
+
+    # -- requests -> prompts -----------------------------------------------------------------------------------
+    def prompt_ids(self, prompts: Sequence[str], max_tokens: int) -> list[int]:
+        ctx = self.llm.model.config.block_size
+        lengths = []
+        for p in prompts:
+            if len(p) > self.max_prompt_chars:
+                raise APIError(400, f"the prompt has {len(p)} characters; this server takes at most "
+                                    f"{self.max_prompt_chars}", "prompt", "prompt_too_long")
+            n = max(1, len(self.llm.tokenizer.encode(p)))
+            if n + max_tokens > ctx:
+                raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
+                                    f"{n + max_tokens} tokens ({n} in the prompt, {max_tokens} in the completion).",
+                               "max_tokens", "context_length_exceeded")
+            lengths.append(n)
+        return lengths
+
+    def render_chat(self, messages: Sequence[Message]) -> str:
+        return self.chat_template.render(messages=[m.model_dump() for m in messages], add_generation_prompt=True)
+
+    # -- generation (runs in a worker thread) ------------------------------------------------------------------
+    def generate(self, prompts: Sequence[str], req: _Request, max_tokens: int, stop: list[str],
+                 emit: Callable[[int, str], None], cancelled: threading.Event) -> list[TextStream]:
+        """Generate `req.n` choices for each prompt (choice i*n+j is prompt i's j-th); `emit(choice, piece)` as text
+        becomes final. Holds a slot for the whole run; returns each choice's stream (text, tokens, finish reason)."""
+        params = SamplingParams(temperature=req.temperature, top_p=req.top_p if req.top_p < 1 else None,
+                                seed=req.seed)
+        batch = [p for p in prompts for _ in range(req.n)]
+        tok = self.llm.tokenizer
+        rows = [TextStream(tok, stop, tok.eos_id) for _ in batch]
+        with self.slots:
+            for choice, piece in self.llm.engine.stream_rows(batch, rows, max_tokens, params):
+                if cancelled.is_set():
+                    self.abandoned += 1
+                    break
+                emit(choice, piece)
+        return rows
+
+
+def _sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def create_app(server: Server, api_key: str | None = None):  # -> fastapi.FastAPI
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    app = FastAPI(title="gptlab", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        if first.get("type") == "json_invalid":
+            return JSONResponse(APIError(400, "the request body is not valid JSON").body(), status_code=400)
+        message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}"
+        return JSONResponse(APIError(400, message, ".".join(loc) or None).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+
+    @app.exception_handler(GptlabError)
+    async def user_error(_: Request, e: GptlabError) -> JSONResponse:
+        return JSONResponse(APIError(400, str(e)).body(), status_code=400)
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1/"):
+            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+                err = APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+                return JSONResponse(err.body(), status_code=401)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/")
+    async def playground() -> FileResponse:
+        return FileResponse(PLAYGROUND, media_type="text/html")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
+                                            "owned_by": "gptlab"}]}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if not prompts:
+            raise APIError(400, "prompt must not be empty", "prompt")
+        max_tokens = req.max_tokens or 16
+        return await respond(req, prompts, max_tokens, req.stops(), chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest):
+        prompt = server.render_chat(req.messages)
+        max_tokens = req.max_completion_tokens or req.max_tokens or max(
+            1, server.llm.model.config.block_size - len(server.llm.tokenizer.encode(prompt)))
+        return await respond(req, [prompt], max_tokens, req.stops() + CHAT_STOPS, chat=True)
+
+    async def respond(req: _Request, prompts: list[str], max_tokens: int, stop: list[str], chat: bool):
+        prompt_lengths = server.prompt_ids(prompts, max_tokens)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        base = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": server.model_name}
+        if req.stream:
+            return StreamingResponse(stream(req, prompts, max_tokens, stop, chat, base),
+                                     media_type="text/event-stream")
+        cancelled = threading.Event()
+        rows = await asyncio.to_thread(server.generate, prompts, req, max_tokens, stop, lambda *_: None, cancelled)
+        choices = []
+        for i, row in enumerate(rows):
+            choice: dict[str, Any] = {"index": i, "finish_reason": row.finish_reason}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": row.text}
+            else:
+                choice.update(text=row.text, logprobs=None)
+            choices.append(choice)
+        completion_tokens = sum(len(r.token_ids) for r in rows)
+        prompt_tokens = sum(prompt_lengths) * req.n
+        return {**base, "choices": choices, "usage": {"prompt_tokens": prompt_tokens,
+                                                      "completion_tokens": completion_tokens,
+                                                      "total_tokens": prompt_tokens + completion_tokens}}
+
+    async def stream(req: _Request, prompts: list[str], max_tokens: int, stop: list[str], chat: bool,
+                     base: dict[str, Any]) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+        base = {**base, "object": "chat.completion.chunk" if chat else "text_completion"}
+
+        def chunk(index: int, text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
+            if chat:
+                delta: dict[str, Any] = {"role": "assistant"} if role else {}
+                if text:
+                    delta["content"] = text
+                return {**base, "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}
+            return {**base, "choices": [{"index": index, "text": text or "", "logprobs": None,
+                                         "finish_reason": finish}]}
+
+        def work() -> None:
+            try:
+                rows = server.generate(prompts, req, max_tokens, stop,
+                                       lambda i, p: loop.call_soon_threadsafe(queue.put_nowait, ("piece", i, p)),
+                                       cancelled)
+                loop.call_soon_threadsafe(queue.put_nowait, ("done", rows, None))
+            except Exception as e:  # reported in the stream; the connection is already 200
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", e, None))
+
+        loop.run_in_executor(None, work)
+        try:
+            if chat:
+                for i in range(len(prompts) * req.n):
+                    yield _sse(chunk(i, None, None, role=True))
+            while True:
+                kind, a, b = await queue.get()
+                if kind == "piece":
+                    yield _sse(chunk(a, b, None))
+                elif kind == "done":
+                    for i, row in enumerate(a):
+                        yield _sse(chunk(i, None, row.finish_reason))
+                    yield _sse("[DONE]")
+                    return
+                else:
+                    yield _sse(APIError(500, f"generation failed: {a}", kind="server_error").body())
+                    return
+        finally:
+            cancelled.set()  # a client that went away frees its slot at the next token
+
+    return app
+
+
+def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_concurrency: int = 1, device: str | None = None, dtype: str | None = None) -> None:
+    """Load a checkpoint and serve it until interrupted."""
+    import uvicorn
+
+    from gptlab.api import load
+
+    llm = load(checkpoint, device=device, dtype=dtype)
+    template_file = Path(checkpoint) / "chat_template.jinja"
+    template = template_file.read_text(encoding="utf-8") if template_file.is_file() else None
+    server = Server(llm, Path(checkpoint).resolve().name, max_concurrency=max_concurrency, chat_template=template)
+    uvicorn.run(create_app(server, api_key), host=host, port=port, log_level="info")
