@@ -13,7 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+import gptlab
 from gptlab.api import LLM
+from gptlab.checkpoint import save_checkpoint
+from gptlab.cli import main
 from gptlab.config import ModelConfig
 from gptlab.model import GPT
 from gptlab.serve import Server, create_app
@@ -29,10 +32,15 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def llm(tokenizer) -> LLM:
+def checkpoint(tokenizer, tmp_path_factory):
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=128, vocab_size=tokenizer.vocab_size)
-    return LLM(GPT(cfg).eval(), tokenizer)
+    return save_checkpoint(tmp_path_factory.mktemp("serve") / "tiny", GPT(cfg), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoint) -> LLM:
+    return gptlab.load(checkpoint, device="cpu")  # as `gptlab serve` loads it
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +76,13 @@ def test_models_and_health(client, base_url):
         assert json.load(r) == {"status": "ok"}
 
 
-def test_greedy_completion_equals_generate(client, llm):
+def test_greedy_completion_equals_gptlab_generate(client, llm, checkpoint, capsys):
     r = client.completions.create(model="tiny", prompt="The train left", max_tokens=20, temperature=0)
-    (want,) = llm.complete("The train left", max_new_tokens=20, temperature=0)
-    assert r.choices[0].text == want.text
-    assert r.usage.completion_tokens == len(want.token_ids)
+    assert main(["generate", str(checkpoint), "--prompt", "The train left", "--max-new-tokens", "20",
+                 "--temperature", "0", "--device", "cpu", "--json"]) == 0
+    want = json.loads(capsys.readouterr().out)
+    assert r.choices[0].text == want["text"]
+    assert r.usage.completion_tokens == len(want["token_ids"])
     assert r.usage.prompt_tokens == len(llm.tokenizer.encode("The train left"))
     assert r.choices[0].finish_reason in ("length", "stop")
 
