@@ -15,8 +15,10 @@ from typing import Any
 
 import yaml
 
+from gptlab.config import ModelConfig
 from gptlab.data.sources import DEFAULT_EXTENSIONS
 from gptlab.errors import GptlabError
+from gptlab.tokenizer import Tokenizer
 from gptlab.train.config import add_section_flags
 
 
@@ -47,8 +49,8 @@ def _apply_config(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argpa
     if getattr(args, "config", None):
         known = {a.dest for a in parser._actions}
         values = {k.replace("-", "_"): v for k, v in _load_config(args.config).items()}
-        if "model.preset" in known:  # a verb with model/train sections: those are merged by the training config
-            args.config_sections = {k: values.pop(k) for k in ("model", "train") if k in values}
+        sections = {d.split(".", 1)[0] for d in known if "." in d}  # model/train/lora: merged by the train config
+        args.config_sections = {k: values.pop(k) for k in sections if k in values}
         unknown = sorted(set(values) - known)
         if unknown:
             raise GptlabError(f"{args.config}: unknown option(s) {', '.join(unknown)} for {parser.prog}")
@@ -141,6 +143,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from gptlab.checkpoint import check_folder
+    from gptlab.data.tasks import ExampleBatches, load_examples
+    from gptlab.peft import METHODS
+    from gptlab.train.config import LoRAConfig, TrainConfig, merge_sections
+    from gptlab.train.loop import Run, train
+
+    if args.method not in METHODS:
+        raise GptlabError(f"unknown method {args.method!r}; methods: {', '.join(METHODS)}")
+    if not args.data or not args.out:
+        raise GptlabError("finetune needs --data FILE and --out DIR (on the command line or in --config)")
+    base = check_folder(args.checkpoint)
+    sections = merge_sections(args.config_sections, section_flags(args), args.config or "config")
+    method = METHODS[args.method](**asdict(LoRAConfig(**sections["lora"]))) if args.method == "lora" else \
+        METHODS[args.method]()
+    tokenizer = Tokenizer.from_file(base / "tokenizer.json")
+    block_size = ModelConfig.from_json(str(base / "config.json")).block_size
+    train_examples = load_examples(args.data, args.task_token, args.skip_bad_lines)
+    if args.val_data:
+        val_examples = load_examples(args.val_data, args.task_token, args.skip_bad_lines)
+    else:
+        n_val = max(1, int(len(train_examples) * args.val_fraction)) if args.val_fraction > 0 and \
+            len(train_examples) > 1 else 0
+        train_examples, val_examples = train_examples[n_val:], train_examples[:n_val]
+    data = ExampleBatches({"train": train_examples, "val": val_examples}, tokenizer, block_size)
+    if data.truncated:
+        print(f"gptlab: {data.truncated} example(s) longer than the context ({block_size}) were truncated: the "
+              "prompt loses its start first, then the completion its end", file=sys.stderr)
+    run = Run(model=ModelConfig.from_json(str(base / "config.json")), train=TrainConfig(**sections["train"]),
+              data=data, tokenizer=tokenizer, out=Path(args.out), resume=args.resume, method=method,
+              progress=not args.quiet, base=base)
+    last = train(run)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done ({args.method}): step {last.get('step')}, loss {last.get('loss')}"
+              + (f", val loss {last['val_loss']:.4f}" if "val_loss" in last else "") + f"; checkpoint in {args.out}")
+    return 0
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     from gptlab.interop.hf import import_hf
 
@@ -197,6 +240,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_section_flags(p)
+
+    p = _verb(sub, "finetune", cmd_finetune, "fine-tune a checkpoint on task data (full or LoRA) through the one loop")
+    p.add_argument("checkpoint", help="base checkpoint folder")
+    p.add_argument("--method", default="lora", help="full or lora")
+    p.add_argument("--data", help="JSONL / CSV (prompt, completion), Alpaca JSONL, or a text file")
+    p.add_argument("--val-data", help="validation file (default: --val-fraction of --data)")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--task-token", help='a token such as "<to-fr>" that splits a text line into prompt and completion')
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip and report malformed lines, not stop")
+    p.add_argument("--out", help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_section_flags(p, ("train", "lora"))
 
     p = _verb(sub, "generate", cmd_generate, "generate text from a checkpoint")
     p.add_argument("checkpoint", help="checkpoint folder")

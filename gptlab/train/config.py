@@ -68,7 +68,15 @@ class TrainConfig:
         return self.min_lr if self.min_lr is not None else self.lr / 10
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig}
+@dataclass
+class LoRAConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str = "c_attn,c_proj,c_fc"  # module names (or name endings), comma-separated
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "lora": LoRAConfig}
 _SKIP = {"model": {"name"}}  # fields that are not settings
 
 
@@ -78,11 +86,12 @@ def _fields(section: str) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(SECTIONS[section]) if f.name not in skip}
 
 
-def add_section_flags(parser: argparse.ArgumentParser) -> None:
-    """`--model PRESET`, `--model.FIELD VALUE` and `--train.FIELD VALUE` for every field."""
-    parser.add_argument("--model", dest="model.preset", default=argparse.SUPPRESS, metavar="PRESET",
-                        help="a preset from `gptlab presets`")
-    for section in SECTIONS:
+def add_section_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] = ("model", "train")) -> None:
+    """`--model PRESET` and `--SECTION.FIELD VALUE` for every field of the named sections."""
+    if "model" in sections:
+        parser.add_argument("--model", dest="model.preset", default=argparse.SUPPRESS, metavar="PRESET",
+                            help="a preset from `gptlab presets`")
+    for section in sections:
         group = parser.add_argument_group(f"{section} settings")
         for name, kind in _fields(section).items():
             group.add_argument(f"--{section}.{name}", dest=f"{section}.{name}", default=argparse.SUPPRESS,

@@ -20,10 +20,11 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
-from gptlab.checkpoint import CONFIG, TOKENIZER, load_model, read_weights, save_checkpoint
+from gptlab.checkpoint import CONFIG, TOKENIZER, load_checkpoint
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
+from gptlab.peft.base import Method
 from gptlab.tokenizer import Tokenizer
 from gptlab.train import distributed, state
 from gptlab.train.config import TrainConfig
@@ -40,21 +41,6 @@ class Batches(Protocol):
     def check(self, block_size: int, batch_size: int, need_val: bool) -> None: ...
 
 
-class Method:
-    """Full training: every parameter trains and a checkpoint is the whole model. Fine-tuning methods override."""
-
-    name = "full"
-
-    def attach(self, model: GPT) -> None:
-        """Wrap or freeze parts of `model` before training (full training changes nothing)."""
-
-    def trainable(self, model: GPT) -> list[tuple[str, torch.nn.Parameter]]:
-        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-    def save(self, folder: Path, model: GPT, weights: dict[str, torch.Tensor], tokenizer: Tokenizer) -> None:
-        save_checkpoint(folder, model, tokenizer, state=weights)
-
-
 @dataclass
 class Run:
     model: ModelConfig
@@ -65,6 +51,7 @@ class Run:
     resume: bool = False
     method: Method = field(default_factory=Method)
     progress: bool = True
+    base: Path | None = None  # fine-tuning: the checkpoint folder the model starts from
 
 
 def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
@@ -112,15 +99,18 @@ def train(run: Run) -> dict[str, Any]:
     if cfg.batch_size % d.world:
         raise GptlabError(f"train.batch_size {cfg.batch_size} must be divisible by the number of processes {d.world}")
     saved = _check_out(run)
-    model_cfg = ModelConfig.from_json(str(run.out / CONFIG)) if saved else run.model
-    run.data.check(model_cfg.block_size, cfg.batch_size, need_val=cfg.eval_every > 0)
-
     torch.manual_seed(cfg.seed)
-    if saved:
-        model = load_model(model_cfg, read_weights(run.out / "model.safetensors"), str(run.out))
+    if run.base is not None:
+        model, _ = load_checkpoint(run.base)  # the base's weights; a resumed method restores its own below
+    elif saved:
+        model = GPT(ModelConfig.from_json(str(run.out / CONFIG)))
     else:
-        model = GPT(model_cfg)
+        model = GPT(run.model)
+    model_cfg = model.config
+    run.data.check(model_cfg.block_size, cfg.batch_size, need_val=cfg.eval_every > 0)
     run.method.attach(model)
+    if saved:
+        run.method.restore(model, run.out)
     model.activation_checkpointing = cfg.activation_checkpointing
     model.to(d.device).train()
     wrapped = distributed.wrap(model, d, cfg.distributed)
@@ -158,7 +148,7 @@ def train(run: Run) -> dict[str, Any]:
                            "train_config": asdict(cfg), "method": run.method.name}
 
             def write(folder: Path) -> None:
-                run.method.save(folder, model, weights, run.tokenizer)
+                run.method.save(folder, model, weights, run.tokenizer, run.base)
                 torch.save(train_state, folder / state.TRAIN_STATE)
 
             state.save(run.out, write)

@@ -1,0 +1,174 @@
+"""Fine-tuning through the one loop: LoRA equal to peft's, task data with a loss mask, resume, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from gptlab.checkpoint import load_checkpoint
+from gptlab.cli import main
+from gptlab.data.tasks import Example, ExampleBatches, load_examples
+from gptlab.peft.lora import LoRA, LoRALinear, merge_lora
+
+TARGETS = ["c_attn", "c_proj", "c_fc"]
+
+
+def test_lora_logits_and_trainable_count_equal_peft(hf_pair):
+    peft = pytest.importorskip("peft")
+    hf, ckpt = hf_pair
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, fan_in_fan_out=True,
+                          init_lora_weights=False)  # random A and B, so the adapter changes the output
+    import copy
+
+    hf_peft = peft.get_peft_model(copy.deepcopy(hf), cfg).eval()
+    model, _ = load_checkpoint(ckpt)
+    LoRA(r=4, alpha=8, targets=TARGETS).attach(model)
+    ours = {n for n, p in model.named_parameters() if p.requires_grad}
+    copied = 0
+    for name, t in hf_peft.state_dict().items():
+        if "lora_" in name:
+            key = name.replace("base_model.model.", "").replace(".default", "")
+            assert key in ours, key
+            model.get_parameter(key).data.copy_(t)
+            copied += 1
+    assert copied == len(ours)
+    trainable_peft, _ = hf_peft.get_nb_trainable_parameters()
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == trainable_peft
+    idx = torch.randint(0, 333, (2, 20))
+    with torch.no_grad():
+        want = hf_peft(idx).logits
+        torch.testing.assert_close(model(idx), want, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(want, hf(idx).logits, atol=1e-3)  # the adapter does change the output
+        merged = merge_lora(model)
+        assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+        torch.testing.assert_close(merged(idx), want, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_then_unmerge_restores_the_base(hf_pair):
+    model, _ = load_checkpoint(hf_pair[1])
+    LoRA(r=2, alpha=4).attach(model)
+    layer = model.transformer.h[0].attn.c_attn
+    torch.nn.init.normal_(layer.lora_B.weight)
+    before = layer.base.weight.detach().clone()
+    idx = torch.randint(0, 333, (1, 9))
+    with torch.no_grad():
+        unmerged = model(idx)
+        layer.merge()
+        torch.testing.assert_close(model(idx), unmerged, atol=1e-5, rtol=1e-5)
+        layer.unmerge()
+    torch.testing.assert_close(layer.base.weight, before, atol=1e-6, rtol=0)
+
+
+def test_loss_mask_scores_the_completion_only(tokenizer):
+    data = ExampleBatches({"train": [Example("The train <to-fr>", " Le train")]}, tokenizer, block_size=64)
+    x, y = data.batch("train", (0,), 1, 64)
+    ids, n_prompt = data.rows["train"][0]
+    assert x[0].tolist() == ids[:-1]
+    assert (y[0, : n_prompt - 1] == -100).all()
+    assert y[0, n_prompt - 1:].tolist() == ids[n_prompt:]  # the completion and <|endoftext|>
+
+
+def test_over_long_examples_are_truncated_by_the_stated_rule(tokenizer):
+    long_prompt = "word " * 200
+    data = ExampleBatches({"train": [Example(long_prompt, " end")]}, tokenizer, block_size=32)
+    ids, n_prompt = data.rows["train"][0]
+    assert data.truncated == 1 and len(ids) == 33
+    assert ids[n_prompt:] == tokenizer.encode(" end") + [tokenizer.eos_id]  # the completion survives whole
+
+
+def write_task(path, n=40):
+    rows = [{"prompt": f"The train {i} left <to-fr>", "completion": f" Le train {i} est parti"} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def finetune(capsys, ckpt, data, out, *extra):
+    code = main(["finetune", str(ckpt), "--data", str(data), "--out", str(out), "--quiet", "--train.batch_size=4",
+                 "--train.log_every=1", "--train.eval_every=4", "--train.eval_steps=2", "--train.save_every=4",
+                 "--train.warmup_steps=1", "--train.lr=0.003", *extra])
+    return code, capsys.readouterr().err
+
+
+def losses(out):
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r}
+
+
+def test_lora_finetune_saves_only_the_adapter_and_generates(capsys, hf_pair, tmp_path):
+    import gptlab
+
+    _, ckpt = hf_pair
+    data = write_task(tmp_path / "task.jsonl")
+    code, err = finetune(capsys, ckpt, data, tmp_path / "lora", "--method=lora", "--train.max_steps=8",
+                         "--lora.r=4")
+    assert code == 0, err
+    files = {p.name for p in (tmp_path / "lora").iterdir()}
+    assert {"adapter.safetensors", "adapter_config.json", "tokenizer.json", "train_state.pt"} <= files
+    assert "model.safetensors" not in files
+    adapter = (tmp_path / "lora" / "adapter.safetensors").stat().st_size
+    assert adapter < (ckpt / "model.safetensors").stat().st_size / 3
+    first, last = losses(tmp_path / "lora")[1], losses(tmp_path / "lora")[8]
+    assert last < first
+    text = gptlab.load(tmp_path / "lora", device="cpu").generate("The train 3 left <to-fr>", max_new_tokens=5)
+    assert isinstance(text, str)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_finetune_resumes_exactly(capsys, hf_pair, tmp_path, method):
+    _, ckpt = hf_pair
+    data = write_task(tmp_path / "task.jsonl")
+    common = [f"--method={method}", "--train.lr_decay_steps=8"]
+    assert finetune(capsys, ckpt, data, tmp_path / "a", *common, "--train.max_steps=8")[0] == 0
+    assert finetune(capsys, ckpt, data, tmp_path / "b", *common, "--train.max_steps=4")[0] == 0
+    assert finetune(capsys, ckpt, data, tmp_path / "b", *common, "--train.max_steps=8", "--resume")[0] == 0
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+def test_finetune_bad_input(capsys, hf_pair, tmp_path):
+    _, ckpt = hf_pair
+    good = write_task(tmp_path / "task.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{oops\n{"foo": 1}\n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    cases = [
+        (["--method=adapterz"], good, "unknown method 'adapterz'"),
+        ([], bad, "bad.jsonl:2: not JSON"),
+        (["--skip-bad-lines"], bad, "no validation examples"),  # one good line is left: too few to split
+        ([], empty, "holds no examples"),
+        (["--lora.targets=q_proj"], good, "match no Linear layer"),
+    ]
+    for i, (extra, data, message) in enumerate(cases):
+        code, err = finetune(capsys, ckpt, data, tmp_path / f"out{i}", "--train.max_steps=1", *extra)
+        assert code == 2 and message in err.splitlines()[-1], (extra, err)
+
+
+def test_lora_folder_whose_base_changed_is_refused(capsys, hf_pair, tmp_path):
+    _, ckpt = hf_pair
+    base = tmp_path / "base"
+    shutil.copytree(ckpt, base)
+    data = write_task(tmp_path / "task.jsonl")
+    assert finetune(capsys, base, data, tmp_path / "lora", "--train.max_steps=1")[0] == 0
+    weights = load_checkpoint(base)[0]
+    with torch.no_grad():
+        weights.transformer.wte.weight.mul_(2)
+    from gptlab.checkpoint import save_checkpoint
+    from gptlab.tokenizer import Tokenizer
+
+    save_checkpoint(base, weights, Tokenizer.from_file(base / "tokenizer.json"))
+    code = main(["generate", str(tmp_path / "lora"), "--max-new-tokens", "2"])
+    assert code == 2 and "not the one" in capsys.readouterr().err
+    shutil.rmtree(base)
+    code = main(["generate", str(tmp_path / "lora"), "--max-new-tokens", "2"])
+    assert code == 2 and "is missing" in capsys.readouterr().err
+
+
+def test_task_lines_split_at_the_task_token(tmp_path):
+    path = tmp_path / "pairs.txt"
+    path.write_text("The train left <to-fr> Le train est parti\nno token here\n")
+    first, second = load_examples(path, task_token="<to-fr>")
+    assert (first.prompt, first.completion) == ("The train left <to-fr>", " Le train est parti")
+    assert (second.prompt, second.completion) == ("", "no token here")
