@@ -172,3 +172,19 @@ def test_task_lines_split_at_the_task_token(tmp_path):
     first, second = load_examples(path, task_token="<to-fr>")
     assert (first.prompt, first.completion) == ("The train left <to-fr>", " Le train est parti")
     assert (second.prompt, second.completion) == ("", "no token here")
+
+
+def test_export_of_a_lora_folder_is_the_merged_model(capsys, hf_pair, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    _, ckpt = hf_pair
+    data = write_task(tmp_path / "task.jsonl")
+    assert finetune(capsys, ckpt, data, tmp_path / "lora", "--train.max_steps=4", "--train.lr=0.05")[0] == 0
+    assert main(["export", "hf", str(tmp_path / "lora"), str(tmp_path / "hf")]) == 0
+    merged, _ = load_checkpoint(tmp_path / "lora")
+    base, _ = load_checkpoint(ckpt)
+    idx = torch.randint(0, 333, (1, 12))
+    with torch.no_grad():
+        exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()(idx).logits
+        torch.testing.assert_close(exported, merged(idx), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(exported, base(idx), atol=1e-4)  # the adapter is in it
