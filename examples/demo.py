@@ -1,6 +1,7 @@
 """The quickstart, on data every machine has: the Python standard library's own source.
 
-prepare (character-level) -> a sample from the untrained model -> pretrain on the CPU -> a sample after training.
+prepare (character-level) -> a sample from the untrained model -> pretrain on the CPU -> a sample after training
+-> LoRA fine-tuning on `def signature <summarize> first docstring line` pairs -> a summary from the adapter.
 Each step is the `gptlab` command a user would type; this script only strings them together.
 """
 
@@ -32,6 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/demo")
     parser.add_argument("--steps", default="2000")
+    parser.add_argument("--finetune-steps", default="300")
     args = parser.parse_args()
     out = Path(args.out)
     data, run, untrained = out / "data", out / "run", out / "untrained"
@@ -54,8 +56,16 @@ def main() -> None:
     gptlab("pretrain", "--config", str(CONFIG), "--data", str(data), "--out", str(run), "--train.max_steps",
            args.steps, *resume)
     gptlab("generate", str(run), "--prompt", PROMPT, "--max-new-tokens", "200", "--seed", "0", "--temperature", "0.8")
-    print(f"\ncheckpoint: {run}/ (model.safetensors, config.json, tokenizer.json)")
-    print(f"loss curve: {run}/loss.png; every logged step: {run}/metrics.jsonl")
+
+    lora = out / "lora"
+    resume = ["--resume"] if (lora / "train_state.pt").exists() else []
+    gptlab("finetune", str(run), "--method", "lora", "--data", "stdlib-summaries", "--out", str(lora),
+           "--lora.r", "8", "--train.max_steps", args.finetune_steps, "--train.lr", "0.003", "--train.warmup_steps",
+           "20", "--train.eval_every", "100", "--train.save_every", "100", "--train.log_every", "20", *resume)
+    gptlab("generate", str(lora), "--prompt", "def read_file(path): <summarize>", "--max-new-tokens", "40",
+           "--temperature", "0", "--stop", "\n")
+    print(f"\ncheckpoint: {run}/ (model.safetensors, config.json, tokenizer.json); LoRA adapter: {lora}/")
+    print(f"loss curves: {run}/loss.png, {lora}/loss.png; every logged step: metrics.jsonl beside them")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -124,7 +125,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     run = Run(model=model_config(sections["model"], tokenizer.vocab_size), train=TrainConfig(**sections["train"]),
               data=data, tokenizer=tokenizer, out=Path(args.out), resume=args.resume, progress=not args.quiet)
     last = train(run)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0 and "note" in last:
+        print(f"nothing to do: {last['note']}")
+    elif int(os.environ.get("RANK", "0")) == 0:
         print(f"done: step {last.get('step')}, loss {last.get('loss')}"
               + (f", val loss {last['val_loss']:.4f}" if "val_loss" in last else "")
               + f"; checkpoint, metrics.jsonl and loss.png in {args.out}")
@@ -148,6 +151,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from gptlab.checkpoint import check_folder
+    from gptlab.data.builtin_tasks import BUILTIN, builtin_examples
     from gptlab.data.tasks import ExampleBatches, load_examples
     from gptlab.peft import METHODS
     from gptlab.train.config import LoRAConfig, TrainConfig, merge_sections
@@ -163,7 +167,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         METHODS[args.method]()
     tokenizer = Tokenizer.from_file(base / "tokenizer.json")
     block_size = ModelConfig.from_json(str(base / "config.json")).block_size
-    train_examples = load_examples(args.data, args.task_token, args.skip_bad_lines)
+    if args.data in BUILTIN:
+        train_examples = builtin_examples(args.data)
+    else:
+        train_examples = load_examples(args.data, args.task_token, args.skip_bad_lines)
+    random.Random(0).shuffle(train_examples)  # a fixed order, so that the val split and every rerun agree
     if args.val_data:
         val_examples = load_examples(args.val_data, args.task_token, args.skip_bad_lines)
     else:
@@ -178,7 +186,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
               data=data, tokenizer=tokenizer, out=Path(args.out), resume=args.resume, method=method,
               progress=not args.quiet, base=base)
     last = train(run)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0 and "note" in last:
+        print(f"nothing to do: {last['note']}")
+    elif int(os.environ.get("RANK", "0")) == 0:
         print(f"done ({args.method}): step {last.get('step')}, loss {last.get('loss')}"
               + (f", val loss {last['val_loss']:.4f}" if "val_loss" in last else "") + f"; checkpoint in {args.out}")
     return 0
@@ -244,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _verb(sub, "finetune", cmd_finetune, "fine-tune a checkpoint on task data (full or LoRA) through the one loop")
     p.add_argument("checkpoint", help="base checkpoint folder")
     p.add_argument("--method", default="lora", help="full or lora")
-    p.add_argument("--data", help="JSONL / CSV (prompt, completion), Alpaca JSONL, or a text file")
+    p.add_argument("--data", help="JSONL / CSV (prompt, completion), Alpaca JSONL, a text file, or a built-in task: "
+                                  "stdlib-summaries, gettext-fr")
     p.add_argument("--val-data", help="validation file (default: --val-fraction of --data)")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--task-token", help='a token such as "<to-fr>" that splits a text line into prompt and completion')

@@ -188,3 +188,39 @@ def test_export_of_a_lora_folder_is_the_merged_model(capsys, hf_pair, tmp_path):
         exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()(idx).logits
         torch.testing.assert_close(exported, merged(idx), atol=1e-5, rtol=1e-5)
         assert not torch.allclose(exported, base(idx), atol=1e-4)  # the adapter is in it
+
+
+def test_builtin_tasks(tmp_path):
+    from gptlab.data.builtin_tasks import gettext_pairs, stdlib_summaries
+    from gptlab.errors import GptlabError
+
+    summaries = stdlib_summaries(limit=50)
+    assert len(summaries) == 50
+    assert all(e.prompt.startswith("def ") and e.prompt.endswith("<summarize>") and e.completion.strip()
+               for e in summaries)
+    # a catalogue made here, in gettext's own binary format
+    import struct
+
+    pairs = {"": "Content-Type: text/plain; charset=UTF-8\n", "File not found": "Fichier introuvable",
+             "menu\x04Open": "Ouvrir"}
+    keys = sorted(pairs)
+    ids = b"".join(k.encode() + b"\0" for k in keys)
+    strs = b"".join(pairs[k].encode() + b"\0" for k in keys)
+    n = len(keys)
+    start = 7 * 4 + 16 * n
+    offsets, pos = [], 0
+    for k in keys:
+        offsets.append((len(k.encode()), start + pos))
+        pos += len(k.encode()) + 1
+    toffsets, tpos = [], 0
+    for k in keys:
+        toffsets.append((len(pairs[k].encode()), start + len(ids) + tpos))
+        tpos += len(pairs[k].encode()) + 1
+    header = struct.pack("<7I", 0x950412DE, 0, n, 7 * 4, 7 * 4 + 8 * n, 0, 0)
+    table = b"".join(struct.pack("<2I", *o) for o in offsets) + b"".join(struct.pack("<2I", *o) for o in toffsets)
+    (tmp_path / "fr").mkdir()
+    (tmp_path / "fr" / "demo.mo").write_bytes(header + table + ids + strs)
+    got = {(e.prompt, e.completion) for e in gettext_pairs(tmp_path / "fr")}
+    assert got == {("File not found <to-fr>", " Fichier introuvable"), ("Open <to-fr>", " Ouvrir")}
+    with pytest.raises(GptlabError, match="no gettext catalogues"):
+        gettext_pairs(tmp_path / "nowhere")

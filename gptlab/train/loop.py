@@ -136,7 +136,8 @@ def train(run: Run) -> dict[str, Any]:
     rows = slice(d.rank * cfg.batch_size // d.world, (d.rank + 1) * cfg.batch_size // d.world)
     bar = tqdm(total=cfg.max_steps, initial=start, desc=run.method.name, disable=not (d.main and run.progress),
                dynamic_ncols=True, mininterval=1.0)
-    last: dict[str, Any] = {}
+    last: dict[str, Any] = {"step": start, "note": f"already at step {start}; raise train.max_steps to go on"} \
+        if start >= cfg.max_steps else {}
     last_saved, logged_step = start, start
 
     def save(step: int) -> None:
