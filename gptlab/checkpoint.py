@@ -98,10 +98,10 @@ def build_checked(config: ModelConfig, state: dict[str, torch.Tensor], source: s
 
 def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer]:
-    """Model (in eval mode) and tokenizer of a checkpoint folder; a LoRA folder gives its base with the adapter
-    merged in."""
+    """Model (in eval mode) and tokenizer of a checkpoint folder; a fine-tuned folder of a small method gives its
+    base with the method attached (LoRA merged in)."""
     if (Path(path) / "adapter_config.json").is_file():
-        from gptlab.peft.lora import load_adapter_checkpoint
+        from gptlab.peft.base import load_adapter_checkpoint
 
         model, tokenizer = load_adapter_checkpoint(Path(path))
         return model.to(device=device, dtype=dtype), tokenizer

@@ -154,7 +154,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from gptlab.data.builtin_tasks import BUILTIN, builtin_examples
     from gptlab.data.tasks import ExampleBatches, load_examples
     from gptlab.peft import METHODS
-    from gptlab.train.config import LoRAConfig, TrainConfig, merge_sections
+    from gptlab.train.config import SECTIONS, TrainConfig, merge_sections
     from gptlab.train.loop import Run, train
 
     if args.method not in METHODS:
@@ -163,8 +163,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise GptlabError("finetune needs --data FILE and --out DIR (on the command line or in --config)")
     base = check_folder(args.checkpoint)
     sections = merge_sections(args.config_sections, section_flags(args), args.config or "config")
-    method = METHODS[args.method](**asdict(LoRAConfig(**sections["lora"]))) if args.method == "lora" else \
-        METHODS[args.method]()
+    settings = SECTIONS[args.method](**sections[args.method]) if args.method in SECTIONS else None
+    method = METHODS[args.method](**(asdict(settings) if settings else {}))
     tokenizer = Tokenizer.from_file(base / "tokenizer.json")
     block_size = ModelConfig.from_json(str(base / "config.json")).block_size
     if args.data in BUILTIN:
@@ -251,9 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_section_flags(p)
 
-    p = _verb(sub, "finetune", cmd_finetune, "fine-tune a checkpoint on task data (full or LoRA) through the one loop")
+    p = _verb(sub, "finetune", cmd_finetune, "fine-tune a checkpoint on task data (full, LoRA, adapters)")
     p.add_argument("checkpoint", help="base checkpoint folder")
-    p.add_argument("--method", default="lora", help="full or lora")
+    p.add_argument("--method", default="lora", help="full, lora or adapter")
     p.add_argument("--data", help="JSONL / CSV (prompt, completion), Alpaca JSONL, a text file, or a built-in task: "
                                   "stdlib-summaries, gettext-fr")
     p.add_argument("--val-data", help="validation file (default: --val-fraction of --data)")
@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_section_flags(p, ("train", "lora"))
+    add_section_flags(p, ("train", "lora", "adapter"))
 
     p = _verb(sub, "generate", cmd_generate, "generate text from a checkpoint")
     p.add_argument("checkpoint", help="checkpoint folder")

@@ -116,7 +116,7 @@ def test_lora_finetune_saves_only_the_adapter_and_generates(capsys, hf_pair, tmp
     assert isinstance(text, str)
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", "lora", "adapter"])
 def test_finetune_resumes_exactly(capsys, hf_pair, tmp_path, method):
     _, ckpt = hf_pair
     data = write_task(tmp_path / "task.jsonl")

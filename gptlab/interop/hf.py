@@ -138,6 +138,11 @@ def import_hf(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
 def export_hf(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
     """A gptlab checkpoint -> a folder that `AutoModelForCausalLM` and `AutoTokenizer` load offline."""
     model, tokenizer = load_checkpoint(checkpoint)
+    with torch.device("meta"):
+        plain = set(model_state(GPT(model.config)))
+    if set(model_state(model)) != plain:
+        raise GptlabError(f"{checkpoint} has layers GPT-2 does not (adapters cannot be folded into its weights); "
+                          "export hf takes full and LoRA checkpoints")
     out = Path(out)
     _empty_destination(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""The small protocol every training method follows, and full training as its simplest case.
+"""The small protocol every training method follows, full training as its simplest case, and the checkpoint of a
+parameter-efficient method (its own small weights beside a reference to the base).
 
 A method attaches to a base model (wrapping or adding modules, freezing the rest), says which parameters train, and
 writes and reads what a checkpoint of it holds. The training loop knows nothing else about it.
@@ -6,14 +7,23 @@ writes and reads what a checkpoint of it holds. The training loop knows nothing 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
+from torch import nn
 
 from gptlab.checkpoint import WEIGHTS, read_weights, save_checkpoint
+from gptlab.errors import GptlabError
+from gptlab.files import atomic_write, atomic_write_text
 from gptlab.model import GPT
 from gptlab.tokenizer import Tokenizer
+
+ADAPTER = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 class Method:
@@ -36,5 +46,80 @@ class Method:
 
     def restore(self, model: GPT, folder: Path) -> None:
         """Load what `save` wrote into the attached model (to resume)."""
-        state = read_weights(folder / WEIGHTS)
-        model.load_state_dict(state, strict=False)
+        model.load_state_dict(read_weights(folder / WEIGHTS), strict=False)
+
+
+def fingerprint(folder: Path) -> str:
+    """A cheap identity of a base checkpoint: its config, the weights' header (names, shapes) and their edges."""
+    h = hashlib.sha256((folder / "config.json").read_bytes())
+    weights = folder / WEIGHTS
+    with open(weights, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        h.update(f.read(n))
+        h.update(f.read(1 << 20))
+        f.seek(max(0, weights.stat().st_size - (1 << 20)))
+        h.update(f.read())
+    return h.hexdigest()
+
+
+def wrap_linears(model: GPT, targets: tuple[str, ...], wrap: Any, setting: str) -> int:
+    """Replace every `nn.Linear` whose name is, or ends with, one of `targets` by `wrap(linear)`."""
+    count = 0
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            if isinstance(child, nn.Linear) and full != "lm_head" and \
+                    any(full == t or full.endswith("." + t) for t in targets):
+                setattr(parent, child_name, wrap(child))
+                count += 1
+    if not count:
+        raise GptlabError(f"{setting} {','.join(targets)} match no Linear layer of the model "
+                          "(GPT-2 names: c_attn, attn.c_proj, c_fc, mlp.c_proj, c_proj)")
+    return count
+
+
+class SmallMethod(Method):
+    """A method whose checkpoint is only its own trainable weights plus the base folder and its fingerprint."""
+
+    def save(self, folder: Path, model: GPT, weights: dict[str, torch.Tensor], tokenizer: Tokenizer,
+             base: Path | None = None) -> None:
+        if base is None:
+            raise GptlabError(f"a {self.name} checkpoint needs the folder of its base model")
+        trainable = {n for n, _ in self.trainable(model)}
+        state = {k: v.contiguous() for k, v in weights.items() if k in trainable}
+        atomic_write(folder / ADAPTER, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        config = {"method": self.name, **self.settings, "base": str(base.resolve()),
+                  "base_fingerprint": fingerprint(base)}
+        atomic_write_text(folder / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
+        atomic_write(folder / "tokenizer.json", tokenizer.save)
+
+    def restore(self, model: GPT, folder: Path) -> None:
+        _, unexpected = model.load_state_dict(read_weights(folder / ADAPTER), strict=False)
+        if unexpected:
+            raise GptlabError(f"{folder / ADAPTER} does not fit the model: unexpected {unexpected[0]}")
+
+    def fold(self, model: GPT) -> GPT:
+        """Make the trained model plain for inference where the method allows (LoRA merges); default: as is."""
+        return model
+
+
+def load_adapter_checkpoint(folder: Path) -> tuple[GPT, Tokenizer]:
+    """A small-method checkpoint as a model for inference: the base (checked against its fingerprint), the method
+    attached, its weights restored, and folded where it can be."""
+    from gptlab.checkpoint import load_checkpoint
+    from gptlab.peft import METHODS
+
+    for name in (ADAPTER_CONFIG, ADAPTER, "tokenizer.json"):
+        if not (folder / name).is_file():
+            raise GptlabError(f"{folder} is not a complete fine-tuned checkpoint: missing {name}")
+    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    base = Path(config.pop("base"))
+    if not (base / "config.json").is_file() or not (base / WEIGHTS).is_file():
+        raise GptlabError(f"the base model of {folder} is missing: {base} (the adapter needs it)")
+    if fingerprint(base) != config.pop("base_fingerprint"):
+        raise GptlabError(f"the base model in {base} is not the one {folder} was trained on (fingerprint differs)")
+    method = METHODS[config.pop("method")](**config)
+    model, _ = load_checkpoint(base)
+    method.attach(model)
+    method.restore(model, folder)
+    return method.fold(model).eval(), Tokenizer.from_file(folder / "tokenizer.json")

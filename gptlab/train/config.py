@@ -76,7 +76,15 @@ class LoRAConfig:
     targets: str = "c_attn,c_proj,c_fc"  # module names (or name endings), comma-separated
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "lora": LoRAConfig}
+@dataclass
+class AdapterConfig:
+    bottleneck: int = 64
+    targets: str = "attn.c_proj,mlp.c_proj"
+    train_norms: bool = True
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "lora": LoRAConfig,
+                             "adapter": AdapterConfig}
 _SKIP = {"model": {"name"}}  # fields that are not settings
 
 
