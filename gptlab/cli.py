@@ -12,6 +12,7 @@ import os
 import random
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -194,6 +195,20 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from gptlab.checkpoint import check_folder
+    from gptlab.compare import compare
+
+    check_folder(args.checkpoint)
+    if args.steps < 1:
+        raise GptlabError(f"--steps must be >= 1, got {args.steps}")
+    rows = compare(args.checkpoint, args.data, [m.strip() for m in args.methods.split(",") if m.strip()],
+                   args.steps, args.out, lr=args.lr, batch_size=args.batch_size, task_token=args.task_token)
+    print((Path(args.out) / "report.md").read_text())
+    print(f"table: {Path(args.out) / 'report.md'}; chart: {Path(args.out) / 'compare.png'}; runs: {args.out}/METHOD/")
+    return 0 if rows else 1
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     from gptlab.interop.hf import import_hf
 
@@ -264,6 +279,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_section_flags(p, ("train", "lora", "adapter"))
+
+    p = _verb(sub, "compare", cmd_compare, "run several fine-tuning methods on the same data and budget; report.md")
+    p.add_argument("checkpoint", help="base checkpoint folder")
+    p.add_argument("--data", required=True, help="task data, as for finetune (or a built-in task)")
+    p.add_argument("--methods", default="full,lora,adapter")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=None, help="one learning rate for all (default: one per method)")
+    p.add_argument("--task-token", default=None)
+    p.add_argument("--out", required=True, help="folder for report.md, compare.png and one run per method")
 
     p = _verb(sub, "generate", cmd_generate, "generate text from a checkpoint")
     p.add_argument("checkpoint", help="checkpoint folder")

@@ -224,3 +224,21 @@ def test_builtin_tasks(tmp_path):
     assert got == {("File not found <to-fr>", " Fichier introuvable"), ("Open <to-fr>", " Ouvrir")}
     with pytest.raises(GptlabError, match="no gettext catalogues"):
         gettext_pairs(tmp_path / "nowhere")
+
+
+def test_compare_writes_the_table_and_the_chart(capsys, hf_pair, tmp_path):
+    _, ckpt = hf_pair
+    data = write_task(tmp_path / "task.jsonl")
+    code = main(["compare", str(ckpt), "--data", str(data), "--methods", "full,lora,adapter", "--steps", "3",
+                 "--batch-size", "4", "--out", str(tmp_path / "cmp")])
+    assert code == 0, capsys.readouterr().err
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    rows = {line.split("|")[1].strip(): line.split("|") for line in report.splitlines() if line.startswith("| ")
+            and not line.startswith("| method")}
+    assert set(rows) == {"full", "lora", "adapter"}
+    trainable = {m: int(r[2].strip().replace(",", "")) for m, r in rows.items()}
+    assert trainable["lora"] < trainable["full"] and trainable["adapter"] < trainable["full"]
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
+    assert main(["compare", str(ckpt), "--data", str(data), "--methods", "lora,prefixx", "--steps", "1",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "unknown method(s) prefixx" in capsys.readouterr().err

@@ -181,7 +181,7 @@ def train(run: Run) -> dict[str, Any]:
                 tps = tokens_per_step * (done - logged_step) / max(now - t_last - t_paused, 1e-9)
                 t_last, logged_step, t_paused = now, done, 0.0
                 last = {"step": done, "loss": round(loss_value, 6), "lr": lr, "tokens_per_s": round(tps, 1),
-                        "elapsed_s": round(now - t_start, 2)}
+                        "elapsed_s": round(now - t_start, 2), "peak_memory_mb": round(peak_memory_mb(d.device), 1)}
                 mfu = tps * flops_per_token(model_cfg, n_params) / peak if peak else None
                 if metrics:
                     metrics.log(**last, **({"mfu": round(mfu, 4)} if mfu is not None else {}))
@@ -208,6 +208,15 @@ def train(run: Run) -> dict[str, Any]:
             metrics.close()
         distributed.teardown(d)
     return last
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process so far: CUDA allocations on a GPU, resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def train_step(forward: torch.nn.Module, wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer,
