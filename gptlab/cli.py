@@ -168,6 +168,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     method = METHODS[args.method](**(asdict(settings) if settings else {}))
     tokenizer = Tokenizer.from_file(base / "tokenizer.json")
     block_size = ModelConfig.from_json(str(base / "config.json")).block_size
+    task_token = args.task_token or BUILTIN.get(args.data)
+    if task_token and tokenizer.backend.token_to_id(task_token) is None:
+        tokenizer.add_special_tokens([task_token])  # one token, never split; the embedding grows to match
     if args.data in BUILTIN:
         train_examples = builtin_examples(args.data)
     else:

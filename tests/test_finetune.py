@@ -242,3 +242,24 @@ def test_compare_writes_the_table_and_the_chart(capsys, hf_pair, tmp_path):
     assert main(["compare", str(ckpt), "--data", str(data), "--methods", "lora,prefixx", "--steps", "1",
                  "--out", str(tmp_path / "bad")]) == 2
     assert "unknown method(s) prefixx" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_task_token_is_one_token_and_grows_the_embedding(capsys, tokenizer, tmp_path, method):
+    import gptlab
+    from gptlab.checkpoint import save_checkpoint
+    from gptlab.config import ModelConfig
+    from gptlab.model import GPT
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=tokenizer.vocab_size)  # no spare rows
+    base = save_checkpoint(tmp_path / "base", GPT(cfg), tokenizer)
+    data = tmp_path / "pairs.txt"
+    data.write_text("".join(f"The train {i} left <to-fr> Le train {i} est parti\n" for i in range(30)))
+    code, err = finetune(capsys, base, data, tmp_path / "ft", f"--method={method}", "--task-token=<to-fr>",
+                         "--train.max_steps=3")
+    assert code == 0, err
+    llm = gptlab.load(tmp_path / "ft", device="cpu")
+    (token_id,) = [i for i in llm.tokenizer.encode("a <to-fr> b") if i >= tokenizer.vocab_size]
+    assert token_id == tokenizer.vocab_size and llm.model.config.vocab_size == tokenizer.vocab_size + 1
+    assert isinstance(llm.generate("The train 3 left <to-fr>", max_new_tokens=3), str)

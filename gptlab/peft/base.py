@@ -120,6 +120,9 @@ def load_adapter_checkpoint(folder: Path) -> tuple[GPT, Tokenizer]:
         raise GptlabError(f"the base model in {base} is not the one {folder} was trained on (fingerprint differs)")
     method = METHODS[config.pop("method")](**config)
     model, _ = load_checkpoint(base)
+    tokenizer = Tokenizer.from_file(folder / "tokenizer.json")
+    if tokenizer.vocab_size > model.config.vocab_size:
+        model.resize_vocab(tokenizer.vocab_size)  # task tokens: the same deterministic rows as in training
     method.attach(model)
     method.restore(model, folder)
-    return method.fold(model).eval(), Tokenizer.from_file(folder / "tokenizer.json")
+    return method.fold(model).eval(), tokenizer

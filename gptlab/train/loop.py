@@ -106,6 +106,8 @@ def train(run: Run) -> dict[str, Any]:
         model = GPT(ModelConfig.from_json(str(run.out / CONFIG)))
     else:
         model = GPT(run.model)
+    if run.tokenizer.vocab_size > model.config.vocab_size:
+        model.resize_vocab(run.tokenizer.vocab_size)  # task tokens added for fine-tuning
     model_cfg = model.config
     run.data.check(model_cfg.block_size, cfg.batch_size, need_val=cfg.eval_every > 0)
     run.method.attach(model)
