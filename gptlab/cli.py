@@ -164,10 +164,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise GptlabError("finetune needs --data FILE and --out DIR (on the command line or in --config)")
     base = check_folder(args.checkpoint)
     sections = merge_sections(args.config_sections, section_flags(args), args.config or "config")
-    settings = SECTIONS[args.method](**sections[args.method]) if args.method in SECTIONS else None
-    method = METHODS[args.method](**(asdict(settings) if settings else {}))
     tokenizer = Tokenizer.from_file(base / "tokenizer.json")
-    block_size = ModelConfig.from_json(str(base / "config.json")).block_size
+    section = args.method.replace("-", "_")
+    settings = SECTIONS[section](**sections[section]) if section in SECTIONS else None
+    method = METHODS[args.method](**(asdict(settings) if settings else {}))
+    if getattr(method, "init_text", None):
+        method.init_ids = tokenizer.encode(method.init_text)
+    # virtual tokens take context positions: the examples get what is left
+    block_size = ModelConfig.from_json(str(base / "config.json")).block_size - method.reserved_positions
     task_token = args.task_token or BUILTIN.get(args.data)
     if task_token and tokenizer.backend.token_to_id(task_token) is None:
         tokenizer.add_special_tokens([task_token])  # one token, never split; the embedding grows to match
@@ -271,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _verb(sub, "finetune", cmd_finetune, "fine-tune a checkpoint on task data (full, LoRA, adapters)")
     p.add_argument("checkpoint", help="base checkpoint folder")
-    p.add_argument("--method", default="lora", help="full, lora or adapter")
+    p.add_argument("--method", default="lora", help="full, lora, prefix, prompt, adapter or llama-adapter")
     p.add_argument("--data", help="JSONL / CSV (prompt, completion), Alpaca JSONL, a text file, or a built-in task: "
                                   "stdlib-summaries, gettext-fr")
     p.add_argument("--val-data", help="validation file (default: --val-fraction of --data)")
@@ -281,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_section_flags(p, ("train", "lora", "adapter"))
+    add_section_flags(p, ("train", "lora", "prefix", "prompt", "adapter", "llama_adapter"))
 
     p = _verb(sub, "compare", cmd_compare, "run several fine-tuning methods on the same data and budget; report.md")
     p.add_argument("checkpoint", help="base checkpoint folder")

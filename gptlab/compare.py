@@ -23,7 +23,7 @@ from gptlab.files import atomic_write_text
 from gptlab.peft import METHODS
 
 # Learning rates that suit each method on small models; --lr overrides them all.
-DEFAULT_LR = {"full": 3e-4, "lora": 2e-3, "adapter": 1e-3}
+DEFAULT_LR = {"full": 3e-4, "lora": 2e-3, "prefix": 3e-3, "prompt": 1e-2, "adapter": 1e-3, "llama-adapter": 5e-3}
 
 
 def count_parameters(checkpoint: Path, method: str) -> tuple[int, int]:

@@ -134,8 +134,14 @@ class Engine:
     def device(self) -> torch.device:
         return self.model.transformer.wte.weight.device
 
+    @property
+    def context(self) -> int:
+        """Positions left for text: the model's context less any virtual tokens in front of it."""
+        prefix = self.model.prefix
+        return self.model.config.block_size - (prefix.n if prefix is not None else 0)
+
     def check_prompt(self, ids: Sequence[int]) -> None:
-        n, ctx = len(ids), self.model.config.block_size
+        n, ctx = len(ids), self.context
         if n == 0:
             raise GptlabError("the prompt is empty and the tokenizer has no end-of-text token to start from")
         if n >= ctx:
@@ -162,7 +168,7 @@ class Engine:
             generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
         rows = [list(p) for p in prompts]
         finished = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
-        keep = max(1, self.model.config.block_size // 2)
+        keep = max(1, self.context // 2)
         while max_new_tokens > 0:
             for token in self._window(rows, max_new_tokens, sampling, generator):
                 yield token
@@ -182,7 +188,7 @@ class Engine:
         B = len(prompts)
         lens = torch.tensor([len(p) for p in prompts], device=dev)  # (B,)
         T0 = int(lens.max())
-        steps = min(max_new_tokens, cfg.block_size - T0)
+        steps = min(max_new_tokens, self.context - T0)
         use_graph = dev.type == "cuda" and self.cuda_graphs and steps > 1
         graphed = self._graphed_step(B, T0 + steps) if use_graph else None
         cache = graphed.cache if graphed else KVCache(cfg, B, T0 + steps, dev, self.model.transformer.wte.weight.dtype)

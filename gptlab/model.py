@@ -69,20 +69,32 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.adaption: nn.Module | None = None  # LLaMA-Adapter's gated prompt attention (gptlab/peft/llama_adapter.py)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
         hs = C // self.n_head
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)
-        if cache is None:
-            dropout = self.dropout if self.training else 0.0
+        dropout = self.dropout if self.training else 0.0
+        if cache is None and prefix is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # (B, nh, T, hs)
         else:
-            k, v = cache.update(self.layer, k, v)  # (B, nh, S, hs)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask)
+            if cache is None:
+                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, T) causal
+            else:
+                k, v = cache.update(self.layer, k, v)  # (B, nh, S, hs)
+                mask = cache.mask  # (B, 1, T, S)
+            if prefix is not None:  # learned keys/values every query may see (prefix and prompt tuning)
+                pk, pv = prefix  # (B, nh, n, hs)
+                k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+                mask = torch.cat([mask.new_ones(*mask.shape[:-1], pk.size(2)), mask], dim=-1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        if self.adaption is not None:
+            y = y + self.adaption(q, self.c_attn)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -108,8 +120,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, prefix)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -126,6 +139,11 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.activation_checkpointing = False  # recompute each block in backward: less memory, ~1/3 more compute
+        # Virtual tokens, set by prompt and prefix tuning (gptlab/peft/virtual.py): `prompt(B)` gives embeddings
+        # (B, n, C) placed before the text; `prefix(B)` gives each layer's keys and values (B, nh, n, hs) that every
+        # query sees, and the text's positions start after them.
+        self.prompt: nn.Module | None = None
+        self.prefix: nn.Module | None = None
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
@@ -180,16 +198,23 @@ class GPT(nn.Module):
         Targets equal to -100 are ignored in the loss.
         """
         B, T = idx.shape
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.prompt is not None and cache is None:
+            x = torch.cat([self.prompt(B), x], dim=1)  # (B, n + T, C)
+        prefixes = self.prefix(B) if self.prefix is not None else [None] * self.config.n_layer
+        offset = self.prefix.n if self.prefix is not None else 0
         if pos is None:
-            if T > self.config.block_size:
-                raise GptlabError(f"sequence of {T} tokens is longer than the context ({self.config.block_size})")
-            pos = torch.arange(T, device=idx.device)[None]  # (1, T)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for block in self.transformer.h:
+            if x.size(1) + offset > self.config.block_size:
+                raise GptlabError(f"sequence of {x.size(1) + offset} positions is longer than the context "
+                                  f"({self.config.block_size})")
+            pos = torch.arange(x.size(1), device=idx.device)[None]  # (1, T)
+        x = self.transformer.drop(x + self.transformer.wpe(pos + offset))  # (B, T, C)
+        for block, prefix in zip(self.transformer.h, prefixes):
             if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, cache, prefix, use_reentrant=False)
             else:
-                x = block(x, cache)
+                x = block(x, cache, prefix)
+        x = x[:, x.size(1) - T:]  # drop the prompt-tuning positions: logits line up with `idx`
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)

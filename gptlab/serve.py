@@ -91,7 +91,7 @@ class Server:
 
     # -- requests -> prompts -----------------------------------------------------------------------------------
     def prompt_ids(self, prompts: Sequence[str], max_tokens: int) -> list[int]:
-        ctx = self.llm.model.config.block_size
+        ctx = self.llm.engine.context
         lengths = []
         for p in prompts:
             if len(p) > self.max_prompt_chars:
@@ -193,7 +193,7 @@ def create_app(server: Server, api_key: str | None = None):  # -> fastapi.FastAP
     async def chat(req: ChatRequest):
         prompt = server.render_chat(req.messages)
         max_tokens = req.max_completion_tokens or req.max_tokens or max(
-            1, server.llm.model.config.block_size - len(server.llm.tokenizer.encode(prompt)))
+            1, server.llm.engine.context - len(server.llm.tokenizer.encode(prompt)))
         return await respond(req, [prompt], max_tokens, req.stops() + CHAT_STOPS, chat=True)
 
     async def respond(req: _Request, prompts: list[str], max_tokens: int, stop: list[str], chat: bool):

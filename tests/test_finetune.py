@@ -116,7 +116,7 @@ def test_lora_finetune_saves_only_the_adapter_and_generates(capsys, hf_pair, tmp
     assert isinstance(text, str)
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "adapter"])
+@pytest.mark.parametrize("method", ["full", "lora", "adapter", "llama-adapter"])
 def test_finetune_resumes_exactly(capsys, hf_pair, tmp_path, method):
     _, ckpt = hf_pair
     data = write_task(tmp_path / "task.jsonl")
@@ -263,3 +263,107 @@ def test_task_token_is_one_token_and_grows_the_embedding(capsys, tokenizer, tmp_
     (token_id,) = [i for i in llm.tokenizer.encode("a <to-fr> b") if i >= tokenizer.vocab_size]
     assert token_id == tokenizer.vocab_size and llm.model.config.vocab_size == tokenizer.vocab_size + 1
     assert isinstance(llm.generate("The train 3 left <to-fr>", max_new_tokens=3), str)
+
+
+def copy_peft_weights(peft_model, model, mapping):
+    copied = 0
+    for name, t in peft_model.state_dict().items():
+        for theirs, ours in mapping.items():
+            if name.startswith(theirs):
+                model.get_parameter(ours + name[len(theirs):]).data.copy_(t)
+                copied += 1
+    return copied
+
+
+def test_prompt_tuning_equals_peft(hf_pair):
+    import copy
+
+    peft = pytest.importorskip("peft")
+    from gptlab.peft import PromptTuning
+
+    hf, ckpt = hf_pair
+    peft_model = peft.get_peft_model(copy.deepcopy(hf), peft.PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=5)).eval()
+    model, _ = load_checkpoint(ckpt)
+    method = PromptTuning(virtual_tokens=5)
+    method.attach(model)
+    assert copy_peft_weights(peft_model, model, {"prompt_encoder.default.embedding": "prompt.embedding"}) == 1
+    assert sum(p.numel() for _, p in method.trainable(model)) == peft_model.get_nb_trainable_parameters()[0]
+    idx = torch.randint(0, 333, (2, 12))
+    with torch.no_grad():
+        want = peft_model(idx).logits[:, 5:]  # peft also returns the virtual positions
+        torch.testing.assert_close(model(idx), want, atol=1e-5, rtol=1e-5)
+        folded = method.fold(model)  # the soft prompt as fixed keys/values: same logits, cache-friendly
+        torch.testing.assert_close(folded(idx), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("hidden", [16, None])
+def test_prefix_tuning_equals_peft(hf_pair, hidden):
+    import copy
+
+    peft = pytest.importorskip("peft")
+    from gptlab.peft import PrefixTuning
+
+    hf, ckpt = hf_pair
+    cfg = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=bool(hidden),
+                                  encoder_hidden_size=hidden or 48)
+    peft_model = peft.get_peft_model(copy.deepcopy(hf), cfg).eval()
+    model, _ = load_checkpoint(ckpt)
+    method = PrefixTuning(virtual_tokens=4, hidden=hidden)
+    method.attach(model)
+    copied = copy_peft_weights(peft_model, model, {"prompt_encoder.default.": "prefix."})
+    assert copied == (5 if hidden else 1)  # embedding (+ the MLP's two weights and biases)
+    assert sum(p.numel() for _, p in method.trainable(model)) == peft_model.get_nb_trainable_parameters()[0]
+    idx = torch.randint(0, 333, (2, 12))
+    with torch.no_grad():
+        want = peft_model(idx).logits
+        torch.testing.assert_close(model(idx), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(method.fold(model)(idx), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_virtual_token_methods_train_resume_and_generate(capsys, hf_pair, tmp_path, method):
+    import gptlab
+    from gptlab.generate import Engine, SamplingParams
+
+    _, ckpt = hf_pair
+    data = write_task(tmp_path / "task.jsonl")
+    flags = [f"--method={method}", f"--{method}.virtual_tokens=6", "--train.lr_decay_steps=8"]
+    assert finetune(capsys, ckpt, data, tmp_path / "a", *flags, "--train.max_steps=8")[0] == 0
+    assert finetune(capsys, ckpt, data, tmp_path / "b", *flags, "--train.max_steps=4")[0] == 0
+    assert finetune(capsys, ckpt, data, tmp_path / "b", *flags, "--train.max_steps=8", "--resume")[0] == 0
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    llm = gptlab.load(tmp_path / "a", device="cpu")
+    assert llm.model.prefix is not None and llm.engine.context == 96 - 6
+    prompt = llm.tokenizer.encode("The train 3 left <to-fr>")
+    got = [int(t) for t in Engine(llm.model).generate_ids([prompt], 10, SamplingParams(temperature=0))]
+    seq = list(prompt)
+    with torch.no_grad():  # the uncached reference through the folded prefix
+        for _ in range(10):
+            seq.append(int(llm.model(torch.tensor([seq]))[0, -1].argmax()))
+    assert got == seq[len(prompt):]
+
+
+def test_llama_adapter_starts_as_the_base_and_its_gates_learn(capsys, hf_pair, tmp_path):
+    from safetensors.torch import load_file
+
+    import gptlab
+    from gptlab.peft import LlamaAdapter
+
+    _, ckpt = hf_pair
+    model, _ = load_checkpoint(ckpt)
+    base, _ = load_checkpoint(ckpt)
+    method = LlamaAdapter(virtual_tokens=3, layers=1)
+    method.attach(model)
+    assert model.transformer.h[0].attn.adaption is None and model.transformer.h[1].attn.adaption is not None
+    idx = torch.randint(0, 333, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), base(idx), atol=1e-6, rtol=0)  # zero gates
+    data = write_task(tmp_path / "task.jsonl")
+    code, err = finetune(capsys, ckpt, data, tmp_path / "la", "--method=llama-adapter",
+                         "--llama_adapter.virtual_tokens=3", "--llama_adapter.layers=1", "--train.max_steps=6")
+    assert code == 0, err
+    saved = load_file(tmp_path / "la" / "adapter.safetensors")
+    assert set(saved) == {"transformer.h.1.attn.adaption.prompt", "transformer.h.1.attn.adaption.gate"}
+    assert saved["transformer.h.1.attn.adaption.gate"].abs().sum() > 0
+    assert isinstance(gptlab.load(tmp_path / "la", device="cpu").generate("The train", max_new_tokens=4), str)

@@ -141,8 +141,8 @@ def export_hf(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]) -
     with torch.device("meta"):
         plain = set(model_state(GPT(model.config)))
     if set(model_state(model)) != plain:
-        raise GptlabError(f"{checkpoint} has layers GPT-2 does not (adapters cannot be folded into its weights); "
-                          "export hf takes full and LoRA checkpoints")
+        raise GptlabError(f"{checkpoint} has parts GPT-2 does not (adapter layers or virtual tokens cannot be folded "
+                          "into its weights); export hf takes full and LoRA checkpoints")
     out = Path(out)
     _empty_destination(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ class Method:
     """Full training: every parameter trains and a checkpoint is the whole model."""
 
     name = "full"
+    reserved_positions = 0  # context positions the method takes for itself (virtual tokens)
 
     def __init__(self, **settings: Any) -> None:
         self.settings = settings

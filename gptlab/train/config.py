@@ -83,8 +83,27 @@ class AdapterConfig:
     train_norms: bool = True
 
 
+@dataclass
+class PrefixConfig:
+    virtual_tokens: int = 20
+    hidden: int | None = 512  # the reparameterisation MLP's width; 0 or None learns the keys/values directly
+
+
+@dataclass
+class PromptConfig:
+    virtual_tokens: int = 20
+    init_text: str | None = None  # start the soft prompt from this text's token embeddings
+
+
+@dataclass
+class LlamaAdapterConfig:
+    virtual_tokens: int = 10
+    layers: int = 8  # the top layers that get adaption prompts
+
+
 SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "lora": LoRAConfig,
-                             "adapter": AdapterConfig}
+                             "adapter": AdapterConfig, "prefix": PrefixConfig, "prompt": PromptConfig,
+                             "llama_adapter": LlamaAdapterConfig}
 _SKIP = {"model": {"name"}}  # fields that are not settings
 
 

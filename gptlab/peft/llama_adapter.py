@@ -1,0 +1,48 @@
+"""LLaMA-Adapter (Zhang et al. 2023): learned adaption prompts in the top layers, attended to through a separate
+softmax whose output is scaled by a gate that starts at zero, so training starts from the base model exactly and
+the prompts' influence grows only as it helps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from gptlab.errors import GptlabError
+from gptlab.model import GPT
+from gptlab.peft.base import SmallMethod
+
+
+class AdaptionPrompt(nn.Module):
+    def __init__(self, n: int, width: int, n_head: int) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.prompt = nn.Parameter(torch.randn(n, width) * 0.02)  # (n, C)
+        self.gate = nn.Parameter(torch.zeros(n_head))  # one per head, zero: no effect at the start
+
+    def forward(self, q: torch.Tensor, c_attn: nn.Module) -> torch.Tensor:
+        """The gated attention of queries q (B, nh, T, hs) over the prompt's keys and values."""
+        B, nh, T, hs = q.shape
+        _, k, v = c_attn(self.prompt).split(self.prompt.size(1), dim=-1)  # the layer's own projections, (n, C)
+        k = k.view(-1, nh, hs).transpose(0, 1)  # (nh, n, hs)
+        v = v.view(-1, nh, hs).transpose(0, 1)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(hs)  # (B, nh, T, n)
+        return self.gate.view(1, nh, 1, 1) * (scores.softmax(dim=-1) @ v)  # (B, nh, T, hs)
+
+
+class LlamaAdapter(SmallMethod):
+    name = "llama-adapter"
+
+    def __init__(self, virtual_tokens: int = 10, layers: int = 8) -> None:
+        if virtual_tokens < 1 or layers < 1:
+            raise GptlabError("llama_adapter.virtual_tokens and llama_adapter.layers must be >= 1")
+        self.n, self.layers = virtual_tokens, layers
+        super().__init__(virtual_tokens=virtual_tokens, layers=layers)
+
+    def attach(self, model: GPT) -> None:
+        model.requires_grad_(False)
+        cfg, wte = model.config, model.transformer.wte.weight
+        for block in model.transformer.h[-min(self.layers, cfg.n_layer):]:  # the top layers, as in the paper
+            block.attn.adaption = AdaptionPrompt(self.n, cfg.n_embd, cfg.n_head).to(wte.device, wte.dtype)
