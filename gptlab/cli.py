@@ -149,7 +149,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from dataclasses import asdict
-    from pathlib import Path
 
     from gptlab.checkpoint import check_folder
     from gptlab.data.builtin_tasks import BUILTIN, builtin_examples
@@ -186,6 +185,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         n_val = max(1, int(len(train_examples) * args.val_fraction)) if args.val_fraction > 0 and \
             len(train_examples) > 1 else 0
         train_examples, val_examples = train_examples[n_val:], train_examples[:n_val]
+    if any(e.chat for e in train_examples):  # the template the prompts were rendered with stays with the model
+        from gptlab.files import atomic_write_text
+        from gptlab.prompts import DEFAULT_CHAT_TEMPLATE
+
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(args.out) / "chat_template.jinja", DEFAULT_CHAT_TEMPLATE)
     data = ExampleBatches({"train": train_examples, "val": val_examples}, tokenizer, block_size)
     if data.truncated:
         print(f"gptlab: {data.truncated} example(s) longer than the context ({block_size}) were truncated: the "
@@ -214,6 +219,34 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print((Path(args.out) / "report.md").read_text())
     print(f"table: {Path(args.out) / 'report.md'}; chart: {Path(args.out) / 'compare.png'}; runs: {args.out}/METHOD/")
     return 0 if rows else 1
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from gptlab.api import load
+    from gptlab.data.builtin_tasks import BUILTIN, builtin_examples
+    from gptlab.data.loader import TokenShards
+    from gptlab.data.tasks import load_examples
+    from gptlab.evaluate import evaluate_task, perplexity
+    from gptlab.prompts import resolve_template
+
+    llm = load(args.checkpoint, device=args.device)
+    if Path(args.data).is_dir():
+        result = perplexity(llm, TokenShards(args.data), split=args.split)
+    else:
+        examples = builtin_examples(args.data) if args.data in BUILTIN else load_examples(args.data, args.task_token)
+        random.Random(0).shuffle(examples)
+        template = resolve_template(args.template) if args.template else None
+        result = evaluate_task(llm, examples, template, shots=args.shots, lang=args.lang, limit=args.limit,
+                               metrics=args.metrics.split(","))
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        for key, value in result.items():
+            if key != "samples":
+                print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+        for sample in result.get("samples", []):
+            print(f"- {sample['prompt'][-60:]!r} -> {sample['prediction']!r} (reference {sample['reference']!r})")
+    return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -296,6 +329,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="one learning rate for all (default: one per method)")
     p.add_argument("--task-token", default=None)
     p.add_argument("--out", required=True, help="folder for report.md, compare.png and one run per method")
+
+    p = _verb(sub, "evaluate", cmd_evaluate, "perplexity on prepared shards, or task metrics under a prompt template")
+    p.add_argument("checkpoint", help="checkpoint folder (base or fine-tuned)")
+    p.add_argument("--data", required=True, help="a prepared data folder (perplexity), a task file or built-in task")
+    p.add_argument("--split", default="val", help="for a data folder: train or val")
+    p.add_argument("--template", default=None, help="translate-sentence, translate-pipe, translate-arrow, summarize, "
+                                                    "to-fr, plain, or your own text with {input}")
+    p.add_argument("--shots", type=int, default=0, help="few-shot examples placed before each query")
+    p.add_argument("--lang", default="French", help="{lang} in the translation templates")
+    p.add_argument("--limit", type=int, default=100, help="examples scored")
+    p.add_argument("--metrics", default="exact,bleu,chrf,rougeL")
+    p.add_argument("--task-token", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true")
 
     p = _verb(sub, "generate", cmd_generate, "generate text from a checkpoint")
     p.add_argument("checkpoint", help="checkpoint folder")

@@ -37,18 +37,10 @@ def count_parameters(checkpoint: Path, method: str) -> tuple[int, int]:
 def exact_match(folder: Path, examples: list, limit: int) -> float:
     """Share of val examples whose greedy completion equals the reference (whitespace-trimmed)."""
     import gptlab
+    from gptlab.evaluate import evaluate_task
 
     llm = gptlab.load(folder, device="cpu" if not torch.cuda.is_available() else None)
-    hits = 0
-    chosen = examples[:limit]
-    for ex in chosen:
-        n = len(llm.tokenizer.encode(ex.completion)) + 4
-        room = llm.model.config.block_size - len(llm.tokenizer.encode(ex.prompt)) - 1
-        if room < 1:
-            continue
-        got = llm.generate(ex.prompt, max_new_tokens=min(n, room), temperature=0, stop=["\n"])
-        hits += got.strip() == ex.completion.strip()
-    return hits / max(1, len(chosen))
+    return evaluate_task(llm, examples, limit=limit, metrics=["exact"])["exact"] if examples else float("nan")
 
 
 def compare(checkpoint: str, data: str, methods: list[str], steps: int, out: str, lr: float | None = None,

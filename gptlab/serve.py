@@ -22,12 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from gptlab.api import LLM
 from gptlab.errors import GptlabError
 from gptlab.generate import SamplingParams, TextStream
+from gptlab.prompts import CHAT_STOPS, render_chat
 
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-CHAT_STOPS = ["<|user|>", "<|system|>"]  # the end of the assistant's turn under the default template
 PLAYGROUND = Path(__file__).with_name("playground.html")
 
 
@@ -78,14 +74,11 @@ class Server:
 
     def __init__(self, llm: LLM, model_name: str, max_concurrency: int = 1, chat_template: str | None = None,
                  max_prompt_chars: int = 100_000) -> None:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
         self.llm = llm
         self.model_name = model_name
         self.slots = threading.BoundedSemaphore(max_concurrency)
         self.max_prompt_chars = max_prompt_chars
-        env = ImmutableSandboxedEnvironment()  # a checkpoint's template is data, never trusted code
-        self.chat_template = env.from_string(chat_template or DEFAULT_CHAT_TEMPLATE)
+        self.chat_template = chat_template
         self.created = int(time.time())
         self.abandoned = 0  # runs stopped early because their client went away
 
@@ -106,7 +99,7 @@ class Server:
         return lengths
 
     def render_chat(self, messages: Sequence[Message]) -> str:
-        return self.chat_template.render(messages=[m.model_dump() for m in messages], add_generation_prompt=True)
+        return render_chat([m.model_dump() for m in messages], self.chat_template)
 
     # -- generation (runs in a worker thread) ------------------------------------------------------------------
     def generate(self, prompts: Sequence[str], req: _Request, max_tokens: int, stop: list[str],

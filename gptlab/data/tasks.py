@@ -3,6 +3,8 @@
 Formats, found by the file's ending and each record's fields:
 - JSONL or CSV with `prompt` / `completion`;
 - Alpaca JSONL (`instruction`, optional `input`, `output`), rendered with Alpaca's own prompt;
+- chat JSONL (`messages` with roles): the conversation so far, through the chat template, is the prompt, and the
+  last (assistant) message the completion;
 - JSONL with `text` only, or a `.txt` file of one example per line: continued pretraining (everything is scored),
   unless a task token is given: then a line `English <to-fr> French` is the prompt `English <to-fr>` and the
   completion ` French`, as in GPT-2-style task training.
@@ -30,6 +32,7 @@ ALPACA = ("Below is an instruction that describes a task{ctx}. Write a response 
 class Example:
     prompt: str
     completion: str
+    chat: bool = False  # made from `messages` through the chat template
 
 
 def _from_record(record: object, where: str, task_token: str | None) -> Example:
@@ -42,9 +45,24 @@ def _from_record(record: object, where: str, task_token: str | None) -> Example:
         prompt = ALPACA.format(ctx=", paired with an input that provides further context" if extra else "",
                                instruction=record["instruction"], input=f"### Input:\n{extra}\n\n" if extra else "")
         return Example(prompt, str(record["output"]))
+    if isinstance(record.get("messages"), list):
+        return _from_chat(record["messages"])
     if isinstance(record.get("text"), str):
         return _from_line(record["text"], task_token)
-    raise ValueError("needs prompt/completion, instruction/output, or text fields")
+    raise ValueError("needs prompt/completion, instruction/output, messages, or text fields")
+
+
+def _from_chat(messages: list) -> Example:
+    """A conversation: everything before the last message is the prompt (rendered with the chat template kept with
+    the checkpoint); the last message, the assistant's, is the completion that is scored."""
+    from gptlab.prompts import render_chat
+
+    if not messages or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and
+                               isinstance(m.get("content"), str) for m in messages):
+        raise ValueError("messages must be a list of {role, content} objects")
+    if messages[-1]["role"] != "assistant":
+        raise ValueError("the last message must be the assistant's (the completion to learn)")
+    return Example(render_chat(messages[:-1]), messages[-1]["content"] + "\n", chat=True)
 
 
 def _from_line(line: str, task_token: str | None) -> Example:
