@@ -367,3 +367,15 @@ def test_llama_adapter_starts_as_the_base_and_its_gates_learn(capsys, hf_pair, t
     assert set(saved) == {"transformer.h.1.attn.adaption.prompt", "transformer.h.1.attn.adaption.gate"}
     assert saved["transformer.h.1.attn.adaption.gate"].abs().sum() > 0
     assert isinstance(gptlab.load(tmp_path / "la", device="cpu").generate("The train", max_new_tokens=4), str)
+
+
+def test_soft_prompt_can_start_from_a_text(hf_pair, tokenizer):
+    from gptlab.peft import PromptTuning
+
+    model, _ = load_checkpoint(hf_pair[1])
+    method = PromptTuning(virtual_tokens=5, init_text="Translate to French")
+    method.init_ids = tokenizer.encode(method.init_text)  # as `gptlab finetune` does
+    method.attach(model)
+    ids = (method.init_ids * 5)[:5]
+    torch.testing.assert_close(model.prompt.embedding.weight, model.transformer.wte.weight[ids])
+    assert [n for n, _ in method.trainable(model)] == ["prompt.embedding.weight"]
