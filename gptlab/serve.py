@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP server (FastAPI + uvicorn) over the generation engine.
 
-Each request gets its own engine run and so its own KV cache; at most `max_concurrency` requests generate at once and
-the others wait their turn. A streaming client that disconnects sets a flag that its run checks after every token,
+Each request takes one of `max_concurrency` engines for its whole run, and so has a KV cache of its own; the others
+wait their turn. A streaming client that disconnects sets a flag that its run checks after every token,
 so its slot frees at once. Errors use OpenAI's body (`{"error": {"message", "type", "param", "code"}}`) and a 4xx
 status; bad input never becomes a 500.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import threading
 import time
 import uuid
@@ -21,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gptlab.api import LLM
 from gptlab.errors import GptlabError
-from gptlab.generate import SamplingParams, TextStream
+from gptlab.generate import Engine, SamplingParams, TextStream
 from gptlab.prompts import CHAT_STOPS, render_chat
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
@@ -76,14 +77,19 @@ class Server:
                  max_prompt_chars: int = 100_000) -> None:
         self.llm = llm
         self.model_name = model_name
-        self.slots = threading.BoundedSemaphore(max_concurrency)
+        # One engine per slot: a request takes one for its whole run, so no two runs share an engine's cached
+        # state (on a GPU an engine keeps its CUDA-graph KV cache between calls).
+        self.engines: queue.Queue[Engine] = queue.Queue()
+        for _ in range(max_concurrency):
+            self.engines.put(Engine(llm.model, llm.tokenizer))
         self.max_prompt_chars = max_prompt_chars
         self.chat_template = chat_template
         self.created = int(time.time())
         self.abandoned = 0  # runs stopped early because their client went away
 
     # -- requests -> prompts -----------------------------------------------------------------------------------
-    def prompt_ids(self, prompts: Sequence[str], max_tokens: int) -> list[int]:
+    def prompt_lengths(self, prompts: Sequence[str], max_tokens: int) -> list[int]:
+        """Token counts of the prompts, after checking each against the size limit and the context."""
         ctx = self.llm.engine.context
         lengths = []
         for p in prompts:
@@ -111,12 +117,15 @@ class Server:
         batch = [p for p in prompts for _ in range(req.n)]
         tok = self.llm.tokenizer
         rows = [TextStream(tok, stop, tok.eos_id) for _ in batch]
-        with self.slots:
-            for choice, piece in self.llm.engine.stream_rows(batch, rows, max_tokens, params):
+        engine = self.engines.get()  # waits for a free slot
+        try:
+            for choice, piece in engine.stream_rows(batch, rows, max_tokens, params):
                 if cancelled.is_set():
                     self.abandoned += 1
                     break
                 emit(choice, piece)
+        finally:
+            self.engines.put(engine)
         return rows
 
 
@@ -190,7 +199,7 @@ def create_app(server: Server, api_key: str | None = None):  # -> fastapi.FastAP
         return await respond(req, [prompt], max_tokens, req.stops() + CHAT_STOPS, chat=True)
 
     async def respond(req: _Request, prompts: list[str], max_tokens: int, stop: list[str], chat: bool):
-        prompt_lengths = server.prompt_ids(prompts, max_tokens)
+        prompt_lengths = server.prompt_lengths(prompts, max_tokens)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         base = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": server.model_name}
