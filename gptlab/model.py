@@ -20,6 +20,8 @@ from torch.utils.checkpoint import checkpoint
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
 
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos and sin tables (B, 1, T, hs)
+
 
 class KVCache:
     """Preallocated keys and values of every layer for a batch of sequences.
@@ -32,8 +34,8 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device: torch.device | str,
                  dtype: torch.dtype) -> None:
-        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, nh, S, hs)
+        shape = (config.n_layer, batch_size, config.kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, n_kv, S, hs)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, S)
         self.slots = torch.arange(max_len, device=device)  # (S,)
@@ -42,6 +44,7 @@ class KVCache:
         self.slot_ids: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None
         self.span = max_len
+        self.window = config.sliding_window
 
     def begin(self, slot_ids: torch.Tensor, span: int | None = None) -> None:
         """Prepare a forward that writes slots `slot_ids` (T,) and attends over the first `span` slots."""
@@ -49,6 +52,8 @@ class KVCache:
         self.span = span or self.max_len
         slots = self.slots[: self.span]
         causal = slots[None, :] <= slot_ids[:, None]  # (T, S)
+        if self.window:
+            causal &= slots[None, :] > slot_ids[:, None] - self.window
         own = slots[None, :] == slot_ids[:, None]  # a left-pad query sees itself, never an empty row (NaN)
         self.mask = ((causal[None] & self.valid[:, None, : self.span]) | own[None])[:, None]  # (B, 1, T, S)
 
@@ -59,55 +64,113 @@ class KVCache:
         return self.k[layer, :, :, : self.span], self.v[layer, :, :, : self.span]
 
 
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Llama), computed in float32; with `offset` the scale is (1 + weight), as Gemma's."""
+
+    def __init__(self, dim: int, eps: float, offset: bool = False) -> None:
+        super().__init__()
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (h * (1.0 + self.weight.float())).type_as(x)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, config.norm_eps, config.norm_offset)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_tables(pos: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (B, 1, T, hs) of rotary embeddings at positions `pos` (B, T), in Hugging Face's half-split layout."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
+    freqs = pos[..., None].float() * inv_freq  # (B, T, hs/2)
+    angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, hs)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin  # (B, nh, T, hs)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
-        self.n_head = config.n_head
-        self.n_embd = config.n_embd
+        self.n_head, self.n_kv, self.hs = config.n_head, config.kv_heads, config.head_dim
+        self.window = config.sliding_window
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        # q for every head, then k and v for every key/value head (fewer with grouped-query attention)
+        self.sizes = [self.n_head * self.hs, self.n_kv * self.hs, self.n_kv * self.hs]
+        self.c_attn = nn.Linear(config.n_embd, sum(self.sizes), bias=config.bias)
+        self.c_proj = nn.Linear(self.n_head * self.hs, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.adaption: nn.Module | None = None  # LLaMA-Adapter's gated prompt attention (gptlab/peft/llama_adapter.py)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None,
-                prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
-        hs = C // self.n_head
-        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, hs).transpose(1, 2)
-        v = v.view(B, T, self.n_head, hs).transpose(1, 2)
+                prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+                rope: Rope | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.c_attn(x).split(self.sizes, dim=2)
+        q = q.view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
+        v = v.view(B, T, self.n_kv, self.hs).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         dropout = self.dropout if self.training else 0.0
-        if cache is None and prefix is None:
+        windowed = self.window is not None and T > self.window
+        if cache is None and prefix is None and self.n_kv == self.n_head and not windowed:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # (B, nh, T, hs)
         else:
             if cache is None:
-                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, T) causal
+                i = torch.arange(T, device=x.device)
+                mask = i[None, :] <= i[:, None]  # (T, T) causal
+                if windowed:
+                    mask &= i[None, :] > i[:, None] - self.window
             else:
-                k, v = cache.update(self.layer, k, v)  # (B, nh, S, hs)
+                k, v = cache.update(self.layer, k, v)  # (B, n_kv, S, hs)
                 mask = cache.mask  # (B, 1, T, S)
             if prefix is not None:  # learned keys/values every query may see (prefix and prompt tuning)
-                pk, pv = prefix  # (B, nh, n, hs)
+                pk, pv = prefix  # (B, n_kv, n, hs)
                 k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
                 mask = torch.cat([mask.new_ones(*mask.shape[:-1], pk.size(2)), mask], dim=-1)
+            if self.n_kv != self.n_head:  # grouped-query attention: each key/value head serves a group of queries
+                k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
+                v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         if self.adaption is not None:
-            y = y + self.adaption(q, self.c_attn)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+            y = y + self.adaption(q, self)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.hs)  # the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
+    """GPT-2's GELU MLP, or a gated one (SwiGLU for Llama and Mistral, GeGLU for Gemma) whose `c_fc` holds the gate
+    and the up projection side by side."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.hidden_dim, bias=config.bias)
+        self.kind = config.mlp
+        gated = 2 if config.mlp in ("swiglu", "geglu") else 1
+        self.c_fc = nn.Linear(config.n_embd, gated * config.hidden_dim, bias=config.bias)
         self.c_proj = nn.Linear(config.hidden_dim, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        h = self.c_fc(x)  # (B, T, hidden) or (B, T, 2 * hidden)
+        if self.kind == "gelu":
+            h = F.gelu(h, approximate="tanh")
+        else:
+            gate, up = h.chunk(2, dim=-1)
+            h = (F.silu(gate) if self.kind == "swiglu" else F.gelu(gate, approximate="tanh")) * up
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
@@ -115,14 +178,15 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config, layer)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None,
-                prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, prefix)
+                prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+                rope: Rope | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, prefix, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -132,11 +196,12 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias),
+            ln_f=make_norm(config),
         ))
+        if config.pos == "learned":
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.activation_checkpointing = False  # recompute each block in backward: less memory, ~1/3 more compute
         # Virtual tokens, set by prompt and prefix tuning (gptlab/peft/virtual.py): `prompt(B)` gives embeddings
@@ -183,6 +248,19 @@ class GPT(nn.Module):
             self.lm_head.weight.data.copy_(torch.cat([head, head.mean(0, keepdim=True).expand(vocab_size - old, -1)]))
         self.config.vocab_size = vocab_size
 
+    def embed(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, Rope | None]:
+        """Token (or virtual-token) embeddings (B, T, C) at positions `pos` -> the blocks' input, plus the rotary
+        tables when positions are rotary."""
+        if self.config.embed_scale:
+            x = x * torch.tensor(self.config.n_embd ** 0.5, dtype=x.dtype)  # Gemma
+        rope = None
+        if self.config.pos == "learned":
+            x = x + self.transformer.wpe(pos)
+        else:
+            rope = rope_tables(torch.broadcast_to(pos, x.shape[:2]), self.config.head_dim, self.config.rope_theta,
+                               x.dtype)
+        return self.transformer.drop(x), rope
+
     def num_params(self) -> int:
         """Parameters counted once each (the tied head is the embedding), as Hugging Face's `num_parameters()`."""
         return sum(p.numel() for p in self.parameters())
@@ -208,12 +286,12 @@ class GPT(nn.Module):
                 raise GptlabError(f"sequence of {x.size(1) + offset} positions is longer than the context "
                                   f"({self.config.block_size})")
             pos = torch.arange(x.size(1), device=idx.device)[None]  # (1, T)
-        x = self.transformer.drop(x + self.transformer.wpe(pos + offset))  # (B, T, C)
+        x, rope = self.embed(x, pos + offset)  # (B, T, C)
         for block, prefix in zip(self.transformer.h, prefixes):
             if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, cache, prefix, use_reentrant=False)
+                x = checkpoint(block, x, cache, prefix, rope, use_reentrant=False)
             else:
-                x = block(x, cache, prefix)
+                x = block(x, cache, prefix, rope)
         x = x[:, x.size(1) - T:]  # drop the prompt-tuning positions: logits line up with `idx`
         if last_only:
             x = x[:, -1:]

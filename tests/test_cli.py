@@ -30,6 +30,13 @@ def test_presets_table_and_json(capsys):
     assert counts["gpt2-large"] == 774_030_080
     assert counts["gpt2-xl"] == 1_557_611_200
     assert 174e9 < counts["gpt3-175b"] < 176e9
+    # the open-weight families, as their Hugging Face checkpoints count them
+    assert counts["llama2-7b"] == 6_738_415_616
+    assert counts["llama2-13b"] == 13_015_864_320
+    assert counts["llama2-70b"] == 68_976_648_192
+    assert counts["mistral-7b"] == 7_241_732_096
+    assert counts["gemma-2b"] == 2_506_172_416
+    assert counts["gemma-7b"] == 8_537_680_896
     assert 12.5e9 < counts["gpt3-13b"] < 13.1e9
     code, out, _ = run(capsys, "presets", "gpt2", "--sizes")
     assert code == 0 and "497.8MB" in out and "62.2MB" in out

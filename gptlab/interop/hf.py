@@ -18,10 +18,11 @@ from gptlab.checkpoint import check_folder, load_checkpoint, load_model, model_s
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
 from gptlab.files import atomic_write, atomic_write_text
+from gptlab.interop import llama
 from gptlab.model import GPT
 from gptlab.tokenizer import EOS, Tokenizer
 
-SUPPORTED = ("gpt2",)
+SUPPORTED = ("gpt2", *llama.FAMILIES)
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older GPT-2 checkpoints: not weights
 
@@ -31,6 +32,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if kind not in SUPPORTED:
         raise GptlabError(f"unsupported architecture {kind!r} ({hf.get('architectures')}); supported: "
                           f"{', '.join(SUPPORTED)}")
+    if kind in llama.FAMILIES:
+        return llama.config_from_hf(hf)
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
         raise GptlabError(f"unsupported GPT-2 activation {act!r}; gptlab's GPT-2 uses the tanh GELU (gelu_new)")
@@ -128,7 +131,15 @@ def import_hf(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
     if tokenizer.vocab_size > config.vocab_size:
         raise GptlabError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
                           f"{config.vocab_size}")
-    state = {k: v.float() for k, v in state_from_hf(read_hf_weights(src)).items()}
+    weights = read_hf_weights(src)
+    if config.pos == "rope":
+        try:
+            weights = llama.state_from_hf(weights, config)
+        except KeyError as e:
+            raise GptlabError(f"the weights in {src} lack {e.args[0]} for a {hf_config['model_type']} model") from None
+    else:
+        weights = state_from_hf(weights)
+    state = {k: v.float() for k, v in weights.items()}
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
     model = load_model(config, state, f"the weights in {src}")
@@ -146,17 +157,22 @@ def export_hf(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]) -
     out = Path(out)
     _empty_destination(out)
     out.mkdir(parents=True, exist_ok=True)
-    state = state_to_hf(model)
+    eos_id = tokenizer.eos_id
+    if model.config.pos == "rope":
+        hf_config = llama.config_to_hf(model.config, eos_id)
+        state = llama.state_to_hf(model_state(model), model.config)
+    else:
+        hf_config = config_to_hf(model.config, eos_id)
+        state = state_to_hf(model)
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
-    eos_id = tokenizer.eos_id
     atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     atomic_write(out / "tokenizer.json", tokenizer.save)
     specials = {"eos_token": EOS, "bos_token": EOS, "unk_token": EOS} if eos_id is not None else {}
     tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.config.block_size,
                   "add_prefix_space": False, **specials}
     files = {
-        "config.json": config_to_hf(model.config, eos_id),
+        "config.json": hf_config,
         "generation_config.json": {"bos_token_id": eos_id, "eos_token_id": eos_id},
         "tokenizer_config.json": tok_config,
         "special_tokens_map.json": specials,

@@ -22,12 +22,12 @@ class AdaptionPrompt(nn.Module):
         self.prompt = nn.Parameter(torch.randn(n, width) * 0.02)  # (n, C)
         self.gate = nn.Parameter(torch.zeros(n_head))  # one per head, zero: no effect at the start
 
-    def forward(self, q: torch.Tensor, c_attn: nn.Module) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, attn: nn.Module) -> torch.Tensor:
         """The gated attention of queries q (B, nh, T, hs) over the prompt's keys and values."""
         B, nh, T, hs = q.shape
-        _, k, v = c_attn(self.prompt).split(self.prompt.size(1), dim=-1)  # the layer's own projections, (n, C)
-        k = k.view(-1, nh, hs).transpose(0, 1)  # (nh, n, hs)
-        v = v.view(-1, nh, hs).transpose(0, 1)
+        _, k, v = attn.c_attn(self.prompt).split(attn.sizes, dim=-1)  # the layer's own projections
+        k = k.view(-1, attn.n_kv, hs).transpose(0, 1).repeat_interleave(nh // attn.n_kv, dim=0)  # (nh, n, hs)
+        v = v.view(-1, attn.n_kv, hs).transpose(0, 1).repeat_interleave(nh // attn.n_kv, dim=0)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(hs)  # (B, nh, T, n)
         return self.gate.view(1, nh, 1, 1) * (scores.softmax(dim=-1) @ v)  # (B, nh, T, hs)
 

@@ -34,8 +34,8 @@ class PrefixEncoder(nn.Module):
 
     def __init__(self, n: int, n_layer: int, n_head: int, width: int, hidden: int | None) -> None:
         super().__init__()
-        self.n, self.n_layer, self.n_head = n, n_layer, n_head
-        out = 2 * n_layer * width
+        self.n, self.n_layer, self.n_head = n, n_layer, n_head  # n_head: the key/value heads
+        out = 2 * n_layer * width  # width: key/value heads x head size (n_embd for GPT-2)
         self.embedding = nn.Embedding(n, width if hidden else out)
         self.transform = nn.Sequential(nn.Linear(width, hidden), nn.Tanh(), nn.Linear(hidden, out)) if hidden \
             else None
@@ -95,9 +95,9 @@ class PromptTuning(SmallMethod):
         cache.valid[:, :n] = True
         cache.begin(torch.arange(n, device=wte.device), n)
         with torch.no_grad():
-            x = model.prompt(1) + model.transformer.wpe(torch.arange(n, device=wte.device))[None]  # (1, n, C)
+            x, rope = model.embed(model.prompt(1), torch.arange(n, device=wte.device)[None])  # (1, n, C)
             for block in model.transformer.h:
-                x = block(x, cache)
+                x = block(x, cache, None, rope)
         model.prompt = None
         model.prefix = StaticPrefix(cache.k[:, 0].clone(), cache.v[:, 0].clone())  # (L, nh, n, hs)
         return model
@@ -116,8 +116,8 @@ class PrefixTuning(SmallMethod):
     def attach(self, model: GPT) -> None:
         model.requires_grad_(False)
         cfg, wte = model.config, model.transformer.wte.weight
-        model.prefix = PrefixEncoder(self.n, cfg.n_layer, cfg.n_head, cfg.n_embd, self.hidden).to(wte.device,
-                                                                                                    wte.dtype)
+        model.prefix = PrefixEncoder(self.n, cfg.n_layer, cfg.kv_heads, cfg.kv_heads * cfg.head_dim,
+                                     self.hidden).to(wte.device, wte.dtype)
 
     def fold(self, model: GPT) -> GPT:
         """Evaluate the reparameterisation MLP once and keep its output: the MLP is not needed to generate."""

@@ -1,0 +1,81 @@
+"""Llama, Mistral and Gemma through the same GPT class: tiny random models built with transformers in the test,
+imported, compared logit for logit and token for token, and exported back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptlab.checkpoint import load_checkpoint
+from gptlab.generate import Engine, SamplingParams
+from gptlab.interop.hf import export_hf, import_hf
+
+FAMILIES = {
+    # grouped-query attention (4 query heads, 2 key/value heads), untied head, rope theta not the default
+    "llama": dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, rope_theta=5000.0, tie_word_embeddings=False),
+    # a sliding window shorter than the sequences below
+    "mistral": dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=1, max_position_embeddings=128, sliding_window=8, tie_word_embeddings=False),
+    # head_dim * heads != hidden_size, GeGLU, embedding scaling, (1 + weight) norms, tied head
+    "gemma": dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=32, max_position_embeddings=128),
+}
+
+
+def build(kind: str, path, tokenizer):
+    import transformers
+
+    cls = {"llama": "Llama", "mistral": "Mistral", "gemma": "Gemma"}[kind]
+    config = getattr(transformers, f"{cls}Config")(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.eos_id,
+                                                  eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.eos_id,
+                                                  **FAMILIES[kind])
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{cls}ForCausalLM")(config).eval()
+    with torch.no_grad():  # random norm weights, so that a missed (1 + weight) or scale shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    tokenizer.save(path / "tokenizer.json")
+    return model
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_family_matches_transformers_both_ways(tmp_path, tokenizer, kind):
+    from transformers import AutoModelForCausalLM
+
+    hf = build(kind, tmp_path / "hf", tokenizer)
+    import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    model, _ = load_checkpoint(tmp_path / "ckpt")
+    idx = torch.randint(0, tokenizer.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(idx).logits
+        torch.testing.assert_close(model(idx), want, atol=1e-5, rtol=1e-5)
+    prompt = idx[:1, :6]
+    greedy = hf.generate(prompt, max_new_tokens=50, min_new_tokens=50, do_sample=False)[0, 6:].tolist()
+    got = [int(t) for t in Engine(model).generate_ids([prompt[0].tolist()], 50, SamplingParams(temperature=0))]
+    assert got == greedy
+    export_hf(tmp_path / "ckpt", tmp_path / "out")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(again).__name__ == type(hf).__name__
+    with torch.no_grad():
+        torch.testing.assert_close(again(idx).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_trains_on_a_llama(tmp_path, tokenizer, capsys):
+    import json
+
+    from gptlab.cli import main
+
+    build("llama", tmp_path / "hf", tokenizer)
+    import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    data = tmp_path / "task.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"The train {i} <to-fr>", "completion": f" Le train {i}"}) + "\n"
+                            for i in range(20)))
+    code = main(["finetune", str(tmp_path / "ckpt"), "--method", "lora", "--data", str(data), "--out",
+                 str(tmp_path / "lora"), "--quiet", "--train.max_steps=3", "--train.batch_size=4",
+                 "--train.eval_every=0", "--lora.targets=c_attn,c_proj,c_fc"])
+    assert code == 0, capsys.readouterr().err
+    model, _ = load_checkpoint(tmp_path / "lora")
+    assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, model.config.vocab_size)
