@@ -55,9 +55,18 @@ class Run:
 
 
 def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """Mixed precision for the forward (and so the backward). On the CPU, attention then runs as plain matrix
+    products: PyTorch's CPU flash-attention kernel is slow in bf16 backward, and bf16 products are fast (measured on
+    2 cores: quickstart step 24.1 -> 19.9 ms, GPT-2 124M at context 256: 2.31 -> 2.10 s)."""
     if dtype == "float32":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(device.type, dtype=getattr(torch, dtype)))
+    if device.type == "cpu":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+    return stack
 
 
 def _full_state(model: GPT, optimizer: torch.optim.Optimizer | None, d: distributed.Dist
