@@ -125,6 +125,9 @@ def test_finetune_resumes_exactly(capsys, hf_pair, tmp_path, method):
     assert finetune(capsys, ckpt, data, tmp_path / "b", *common, "--train.max_steps=4")[0] == 0
     assert finetune(capsys, ckpt, data, tmp_path / "b", *common, "--train.max_steps=8", "--resume")[0] == 0
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    other = "lora" if method != "lora" else "full"
+    code, err = finetune(capsys, ckpt, data, tmp_path / "b", f"--method={other}", "--train.max_steps=9", "--resume")
+    assert code == 2 and f"holds a {method} run" in err
 
 
 def test_finetune_bad_input(capsys, hf_pair, tmp_path):

@@ -93,6 +93,8 @@ def _check_out(run: Run) -> dict[str, Any] | None:
         stored = json.loads((out / TOKENIZER).read_text()) if (out / TOKENIZER).is_file() else None
         if stored != json.loads(run.tokenizer.backend.to_str()):
             raise GptlabError(f"the data's tokenizer does not match the one in {out}; resume with the same data")
+        if saved.get("method", run.method.name) != run.method.name:
+            raise GptlabError(f"{out} holds a {saved['method']} run; resume it with --method {saved['method']}")
         return saved
     if (out / state.TRAIN_STATE).exists() or (out / state.STAGING).exists():
         raise GptlabError(f"{out} already holds a training run; pass --resume to continue it, or choose a new --out")
