@@ -249,6 +249,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_download(args: argparse.Namespace) -> int:
+    from gptlab.interop.hub import download
+
+    path = download(args.repo_id, args.revision)
+    print(f"downloaded {args.repo_id} -> {path}")
+    if args.out:
+        from gptlab.interop.hf import import_hf
+
+        print(f"imported -> {import_hf(path, args.out)}")
+    return 0
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     from gptlab.interop.hf import import_hf
 
@@ -367,6 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrency", type=int, default=1, help="requests generating at once; others wait")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
+
+    p = _verb(sub, "download", cmd_download, "fetch a model from the Hugging Face hub into the local cache")
+    p.add_argument("repo_id", help="e.g. openai-community/gpt2")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--out", default=None, help="also import it into this new checkpoint folder")
 
     p = _verb(sub, "import", cmd_import, "convert a Hugging Face model folder into a gptlab checkpoint")
     p.add_argument("format", choices=["hf"], help="source format")
