@@ -126,8 +126,9 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         dropout = self.dropout if self.training else 0.0
         windowed = self.window is not None and T > self.window
-        if cache is None and prefix is None and self.n_kv == self.n_head and not windowed:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # (B, nh, T, hs)
+        if cache is None and prefix is None and not windowed:  # training and scoring: the fused causal kernel
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
+                                               enable_gqa=self.n_kv != self.n_head)  # (B, nh, T, hs)
         else:
             if cache is None:
                 i = torch.arange(T, device=x.device)
