@@ -144,21 +144,22 @@ def train(run: Run) -> dict[str, Any]:
 
     metrics = Metrics(run.out, start if saved else None, cfg.tensorboard) if d.main else None
     n_params = model.num_params()
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * model_cfg.block_size
     peak = peak_flops(d.device)
     rows = slice(d.rank * cfg.batch_size // d.world, (d.rank + 1) * cfg.batch_size // d.world)
     bar = tqdm(total=cfg.max_steps, initial=start, desc=run.method.name, disable=not (d.main and run.progress),
                dynamic_ncols=True, mininterval=1.0)
     last: dict[str, Any] = {"step": start, "note": f"already at step {start}; raise train.max_steps to go on"} \
         if start >= cfg.max_steps else {}
-    last_saved, logged_step = start, start
+    last_saved = start
+    tokens_seen = int(saved.get("tokens_seen", 0)) if saved else 0
+    tokens_since_log = 0
 
     def save(step: int) -> None:
         weights, optim = _full_state(model, optimizer, d)
         if d.main:
             rng = {"cpu": torch.get_rng_state(),
                    "cuda": torch.cuda.get_rng_state(d.device) if d.device.type == "cuda" else None}
-            train_state = {"step": step, "optimizer": optim, "rng": rng, "tokens_seen": step * tokens_per_step,
+            train_state = {"step": step, "optimizer": optim, "rng": rng, "tokens_seen": tokens_seen,
                            "train_config": asdict(cfg), "method": run.method.name}
 
             def write(folder: Path) -> None:
@@ -177,12 +178,14 @@ def train(run: Run) -> dict[str, Any]:
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = train_step(forward, wrapped, optimizer, scaler, params, cfg, d,
+            loss_sum, tokens = train_step(forward, wrapped, optimizer, scaler, params, cfg, d,
                                   lambda micro, step=step: run.data.batch("train", (cfg.seed, step, micro),
                                                                           cfg.batch_size, model_cfg.block_size),
                                   rows)
 
             done = step + 1
+            tokens_seen += tokens
+            tokens_since_log += tokens
             loss_value = distributed.mean(loss_sum, d).item()
             if not math.isfinite(loss_value):
                 raise GptlabError(f"the loss became {loss_value} at step {done}; training stopped. The last good "
@@ -191,8 +194,8 @@ def train(run: Run) -> dict[str, Any]:
                                   "checkpoint was saved (try a lower train.lr)")
             if done % cfg.log_every == 0 or done == cfg.max_steps or done == start + 1:
                 now = time.perf_counter()
-                tps = tokens_per_step * (done - logged_step) / max(now - t_last - t_paused, 1e-9)
-                t_last, logged_step, t_paused = now, done, 0.0
+                tps = tokens_since_log / max(now - t_last - t_paused, 1e-9)
+                t_last, t_paused, tokens_since_log = now, 0.0, 0
                 last = {"step": done, "loss": round(loss_value, 6), "lr": lr, "tokens_per_s": round(tps, 1),
                         "elapsed_s": round(now - t_start, 2), "peak_memory_mb": round(peak_memory_mb(d.device), 1)}
                 mfu = tps * flops_per_token(model_cfg, n_params) / peak if peak else None
@@ -235,9 +238,11 @@ def peak_memory_mb(device: torch.device) -> float:
 def train_step(forward: torch.nn.Module, wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, params: list[torch.nn.Parameter], cfg: TrainConfig,
                d: distributed.Dist, batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
-               rows: slice = slice(None)) -> torch.Tensor:
-    """One optimizer step over `grad_accum` micro-batches; returns the summed (already averaged) loss."""
+               rows: slice = slice(None)) -> tuple[torch.Tensor, int]:
+    """One optimizer step over `grad_accum` micro-batches; returns the summed (already averaged) loss and the number
+    of input tokens, all processes together (fine-tuning batches are only as long as their longest example)."""
     loss_sum = torch.zeros((), device=d.device)
+    tokens = 0
     for micro in range(cfg.grad_accum):
         x, y = batch(micro)
         x, y = x[rows].to(d.device, non_blocking=True), y[rows].to(d.device, non_blocking=True)
@@ -247,13 +252,14 @@ def train_step(forward: torch.nn.Module, wrapped: torch.nn.Module, optimizer: to
             loss = loss / cfg.grad_accum
         scaler.scale(loss).backward()
         loss_sum += loss.detach()
+        tokens += x.numel() * d.world
     if cfg.grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum
+    return loss_sum, tokens
 
 
 def _no_sync(wrapped: torch.nn.Module, d: distributed.Dist, strategy: str, sync: bool
