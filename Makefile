@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= out
 
-.PHONY: install browser test test-slow lint demo bench clean
+.PHONY: install browser test test-slow test-llama-cpp lint demo bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ test: install browser lint
 test-slow: install
 	$(PY) -m pytest -q -m slow
 
+# llama.cpp against our GGUF files: llama-cpp-python builds from source (about 7 minutes on 2 cores, cached after).
+# GGML_NATIVE=OFF: the native build's AMX path crashes on quantized files on some CPUs.
+test-llama-cpp: install
+	$(PY) -c "import llama_cpp" 2>/dev/null || \
+	  CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install -q -c constraints.txt llama-cpp-python
+	$(PY) -m pytest -q -m slow tests/test_gguf.py
+
 demo: install
 	$(PY) examples/demo.py --out $(OUT)/demo
 
@@ -38,6 +45,7 @@ bench: install
 	$(PY) benchmarks/generate.py
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/serve.py
+	$(PY) benchmarks/qlora.py --checkpointing --loss-chunk 256
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache

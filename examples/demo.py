@@ -1,7 +1,8 @@
 """The quickstart, on data every machine has: the Python standard library's own source.
 
 prepare (character-level) -> a sample from the untrained model -> pretrain on the CPU -> a sample after training
--> LoRA fine-tuning on `def signature <summarize> first docstring line` pairs -> a summary from the adapter.
+-> LoRA fine-tuning on `def signature <summarize> first docstring line` pairs -> a summary from the adapter
+-> the pretrained model quantized to NF4, a sample from it, and the size/perplexity/speed report of every scheme.
 Each step is the `gptlab` command a user would type; this script only strings them together.
 """
 
@@ -64,7 +65,14 @@ def main() -> None:
            "20", "--train.eval_every", "100", "--train.save_every", "100", "--train.log_every", "20", *resume)
     gptlab("generate", str(lora), "--prompt", "def read_file(path): <summarize>", "--max-new-tokens", "40",
            "--temperature", "0", "--stop", "\n")
-    print(f"\ncheckpoint: {run}/ (model.safetensors, config.json, tokenizer.json); LoRA adapter: {lora}/")
+
+    nf4 = out / "nf4"
+    if not (nf4 / "model.safetensors").exists():
+        gptlab("quantize", str(run), "--scheme", "nf4", "--double-quant", "--out", str(nf4))
+    gptlab("generate", str(nf4), "--prompt", PROMPT, "--max-new-tokens", "200", "--seed", "0", "--temperature", "0.8")
+    gptlab("quantize", str(run), "--report", "--data", str(data), "--out", str(out / "quantize-report"))
+    print(f"\ncheckpoint: {run}/ (model.safetensors, config.json, tokenizer.json); LoRA adapter: {lora}/; "
+          f"NF4 copy: {nf4}/")
     print(f"loss curves: {run}/loss.png, {lora}/loss.png; every logged step: metrics.jsonl beside them")
 
 

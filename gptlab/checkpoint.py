@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from gptlab import __version__
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
 from gptlab.files import atomic_write, atomic_write_text
 from gptlab.model import GPT
+from gptlab.quant.formats import QuantSpec, quantize
+from gptlab.quant.layers import quantizable, quantize_model
 from gptlab.tokenizer import Tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -45,6 +48,8 @@ def save_checkpoint(out: str | os.PathLike[str], model: GPT, tokenizer: Tokenize
     atomic_write(out / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     atomic_write(out / TOKENIZER, tokenizer.save)
     config = {"gptlab_version": __version__, "model": model.config.to_dict()}
+    if model.quantization is not None:
+        config["quantization"] = model.quantization.to_dict()
     atomic_write_text(out / CONFIG, json.dumps(config, indent=2) + "\n")
     return out
 
@@ -61,25 +66,63 @@ def check_folder(path: str | os.PathLike[str], required: tuple[str, ...] = (CONF
     return path
 
 
-def read_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def read_tensors(path: str | os.PathLike[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a safetensors file one at a time, each read into memory of its own.
+
+    Unlike a memory map, nothing stays tied to the file: a caller that converts each tensor as it comes (quantizing
+    while loading) holds only what it keeps, and the memory a process uses is the memory its tensors take.
+    """
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as e:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= size - 8:
+                raise GptlabError(f"cannot read {path}: not a safetensors file")
+            header = json.loads(f.read(n))
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                start, end = info["data_offsets"]
+                if info["dtype"] not in SAFETENSORS_DTYPES or end > size - 8 - n:
+                    raise GptlabError(f"cannot read {path}: tensor {name} is {info['dtype']} or lies past the end")
+                tensor = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+                raw = tensor.reshape(-1).view(torch.uint8)  # the tensor's own bytes
+                if raw.numel() != end - start:
+                    raise GptlabError(f"cannot read {path}: tensor {name} has {end - start} bytes for shape "
+                                      f"{info['shape']}")
+                f.seek(8 + n + start)
+                if raw.numel() and f.readinto(memoryview(raw.numpy())) != raw.numel():
+                    raise GptlabError(f"cannot read {path}: the file ends inside tensor {name}")
+                yield name, tensor
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise GptlabError(f"cannot read {path}: {e}") from None
 
 
-def load_model(config: ModelConfig, state: dict[str, torch.Tensor], source: str = WEIGHTS) -> GPT:
+def read_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    return dict(read_tensors(path))
+
+
+def load_model(config: ModelConfig, state: dict[str, torch.Tensor], source: str = WEIGHTS,
+               quantization: QuantSpec | None = None) -> GPT:
     """Build the model on the meta device and adopt `state` as its storage: no random init, no second copy."""
-    model = build_checked(config, state, source)
+    model = build_checked(config, state, source, quantization)
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
     return model.eval()
 
 
-def build_checked(config: ModelConfig, state: dict[str, torch.Tensor], source: str) -> GPT:
+def build_checked(config: ModelConfig, state: dict[str, torch.Tensor], source: str,
+                  quantization: QuantSpec | None = None) -> GPT:
     with torch.device("meta"):
         model = GPT(config)
+    if quantization is not None:
+        quantize_model(model, quantization)  # the quantized layout: codes and scales in place of float weights
     expected = model.state_dict()
     if config.tie_embeddings:
         expected.pop("lm_head.weight")
@@ -90,16 +133,19 @@ def build_checked(config: ModelConfig, state: dict[str, torch.Tensor], source: s
         extra = len(missing) + len(unexpected) - 1
         raise GptlabError(f"{source} does not match the model config: {what}" + (f" (+{extra} more)" if extra else ""))
     for k, v in expected.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise GptlabError(f"{source} does not match the model config: {k} has shape {tuple(state[k].shape)}, "
-                              f"the config needs {tuple(v.shape)}")
+        if tuple(state[k].shape) != tuple(v.shape) or \
+                (state[k].dtype != v.dtype and not (state[k].is_floating_point() and v.is_floating_point())):
+            raise GptlabError(f"{source} does not match the model config: {k} has shape {tuple(state[k].shape)} "
+                              f"({state[k].dtype}), the config needs {tuple(v.shape)} ({v.dtype})")
     return model
 
 
 def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer]:
+                    dtype: torch.dtype | None = None, quantize: QuantSpec | None = None) -> tuple[GPT, Tokenizer]:
     """Model (in eval mode) and tokenizer of a checkpoint folder; a fine-tuned folder of a small method gives its
-    base with the method attached (LoRA merged in)."""
+    base with the method attached (LoRA merged in). `quantize` quantizes a float checkpoint's Linear layers as they
+    are read, so that peak memory is the quantized model plus one float matrix (QLoRA of a model that does not fit
+    in memory in float)."""
     if (Path(path) / "adapter_config.json").is_file():
         from gptlab.peft.base import load_adapter_checkpoint
 
@@ -107,9 +153,46 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
         return model.to(device=device, dtype=dtype), tokenizer
     path = check_folder(path)
     config = ModelConfig.from_json(str(path / CONFIG))
+    quantization = read_quantization(path)
     tokenizer = Tokenizer.from_file(path / TOKENIZER)
     if tokenizer.vocab_size > config.vocab_size:
         raise GptlabError(f"{path / TOKENIZER} has {tokenizer.vocab_size} tokens but the model's vocabulary is "
                           f"{config.vocab_size}")
-    model = load_model(config, read_weights(path / WEIGHTS), str(path / WEIGHTS))
+    if quantize is not None and quantization is None:
+        model = load_quantizing(config, path / WEIGHTS, quantize)
+    else:
+        model = load_model(config, read_weights(path / WEIGHTS), str(path / WEIGHTS), quantization)
     return model.to(device=device, dtype=dtype), tokenizer
+
+
+def load_quantizing(config: ModelConfig, weights: Path, spec: QuantSpec) -> GPT:
+    """A float checkpoint loaded into the quantized layout one tensor at a time."""
+    try:
+        with safe_open(str(weights), "pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError) as e:
+        raise GptlabError(f"cannot read {weights}: {e}") from None
+    # the float layout first: one clear line for a mismatch
+    build_checked(config, {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}, str(weights))
+    with torch.device("meta"):
+        model = GPT(config)
+    targets = {name for _, _, name, _ in quantizable(model)}
+    quantize_model(model, spec)
+    state: dict[str, torch.Tensor] = {}
+    for k, tensor in read_tensors(weights):
+        layer = k.removesuffix(".weight")
+        if layer in targets and k.endswith(".weight"):
+            state.update({f"{layer}.{part}": v for part, v in quantize(tensor, spec).items()})
+        else:
+            state[k] = tensor
+        del tensor
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight
+    return model.eval()
+
+
+def read_quantization(path: Path) -> QuantSpec | None:
+    """The quantization a checkpoint folder's weights are stored in, or None for float weights."""
+    data = json.loads((path / CONFIG).read_text())
+    return QuantSpec.from_dict(data["quantization"]) if data.get("quantization") else None

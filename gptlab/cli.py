@@ -20,6 +20,7 @@ import yaml
 from gptlab.config import ModelConfig
 from gptlab.data.sources import DEFAULT_EXTENSIONS
 from gptlab.errors import GptlabError
+from gptlab.quant.formats import SCHEMES
 from gptlab.tokenizer import Tokenizer
 from gptlab.train.config import add_section_flags
 
@@ -249,6 +250,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from gptlab.quant.formats import QuantSpec
+    from gptlab.quant.report import quantize_checkpoint, report
+
+    if args.report:
+        if args.scheme or args.double_quant:
+            raise GptlabError("--report measures every scheme; leave out --scheme and --double-quant")
+        _, table, folder = report(args.checkpoint, args.data, args.group_size, args.out, args.max_tokens)
+        print(table)
+        print(f"written: {folder / 'quantize-report.md'} and {folder / 'quantize-report.json'}")
+        return 0
+    if not args.scheme or not args.out:
+        raise GptlabError("quantize needs --scheme and --out DIR (or --report)")
+    spec = QuantSpec(args.scheme, args.group_size, args.double_quant)
+    out = quantize_checkpoint(args.checkpoint, args.out, spec)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    group = spec.group_size or ("one row" if args.scheme == "int8" else 64)
+    print(f"quantized {args.checkpoint} -> {out} ({args.scheme}, group {group}"
+          + (", double-quantized scales" if args.double_quant else "") + f"; {size / 2**20:.2f} MiB)")
+    return 0
+
+
 def cmd_download(args: argparse.Namespace) -> int:
     from gptlab.interop.hub import download
 
@@ -270,6 +293,12 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "gguf":
+        from gptlab.interop.gguf import export_gguf
+
+        out = export_gguf(args.checkpoint, args.out, args.dtype)
+        print(f"exported {args.checkpoint} -> {out} (GGUF, {args.dtype}; {out.stat().st_size / 2**20:.2f} MiB)")
+        return 0
     from gptlab.interop.hf import export_hf
 
     out = export_hf(args.checkpoint, args.out)
@@ -320,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _verb(sub, "finetune", cmd_finetune, "fine-tune a checkpoint on task data (full, LoRA, adapters)")
     p.add_argument("checkpoint", help="base checkpoint folder")
-    p.add_argument("--method", default="lora", help="full, lora, prefix, prompt, adapter or llama-adapter")
+    p.add_argument("--method", default="lora", help="full, lora, qlora, prefix, prompt, adapter or llama-adapter")
     p.add_argument("--data", help="JSONL / CSV (prompt, completion), Alpaca JSONL, a text file, or a built-in task: "
                                   "stdlib-summaries, gettext-fr")
     p.add_argument("--val-data", help="validation file (default: --val-fraction of --data)")
@@ -330,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_section_flags(p, ("train", "lora", "prefix", "prompt", "adapter", "llama_adapter"))
+    add_section_flags(p, ("train", "lora", "qlora", "prefix", "prompt", "adapter", "llama_adapter"))
 
     p = _verb(sub, "compare", cmd_compare, "run several fine-tuning methods on the same data and budget; report.md")
     p.add_argument("checkpoint", help="base checkpoint folder")
@@ -371,6 +400,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
 
+    p = _verb(sub, "quantize", cmd_quantize, "quantize a checkpoint's Linear weights (int8, int4, nf4, fp4), or "
+                                             "report size, perplexity and speed for every scheme")
+    p.add_argument("checkpoint", help="a float checkpoint folder")
+    p.add_argument("--scheme", choices=SCHEMES, help="int8 (per row), int4, nf4 or fp4 (groups of 64)")
+    p.add_argument("--group-size", type=int, help="weights per scale along the input (default: 64 for 4-bit, one "
+                                                  "row for int8); must divide every layer's width")
+    p.add_argument("--double-quant", action="store_true", help="quantize the 4-bit scales too (QLoRA)")
+    p.add_argument("--out", help="the new checkpoint folder (with --report: where the report goes)")
+    p.add_argument("--report", action="store_true", help="measure every scheme: size, perplexity, decode speed")
+    p.add_argument("--data", help="a prepared data folder for the report's perplexity (its val split)")
+    p.add_argument("--max-tokens", type=int, default=20_000, help="val tokens the report scores")
+
     p = _verb(sub, "serve", cmd_serve, "serve a checkpoint over an OpenAI-compatible HTTP API, with a playground at /")
     p.add_argument("checkpoint", help="checkpoint folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -390,10 +431,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="Hugging Face model folder (config.json, weights, tokenizer)")
     p.add_argument("out", help="new checkpoint folder")
 
-    p = _verb(sub, "export", cmd_export, "write a checkpoint in another tool's format")
-    p.add_argument("format", choices=["hf"], help="target format")
+    p = _verb(sub, "export", cmd_export, "write a checkpoint in another tool's format: hf (a transformers folder) "
+                                         "or gguf (one file for llama.cpp)")
+    p.add_argument("format", choices=["hf", "gguf"], help="target format")
     p.add_argument("checkpoint", help="checkpoint folder")
-    p.add_argument("out", help="new output folder")
+    p.add_argument("out", help="new output folder (hf) or file (gguf, e.g. model.gguf)")
+    p.add_argument("--dtype", default="f16", choices=["f32", "f16", "q8_0"], help="gguf: weight type (vectors stay "
+                                                                                   "f32)")
     return parser
 
 

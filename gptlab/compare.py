@@ -23,15 +23,17 @@ from gptlab.files import atomic_write_text
 from gptlab.peft import METHODS
 
 # Learning rates that suit each method on small models; --lr overrides them all.
-DEFAULT_LR = {"full": 3e-4, "lora": 2e-3, "prefix": 3e-3, "prompt": 1e-2, "adapter": 1e-3, "llama-adapter": 5e-3}
+DEFAULT_LR = {"full": 3e-4, "lora": 2e-3, "qlora": 2e-3, "prefix": 3e-3, "prompt": 1e-2, "adapter": 1e-3,
+              "llama-adapter": 5e-3}
 
 
 def count_parameters(checkpoint: Path, method: str) -> tuple[int, int]:
     model, _ = load_checkpoint(checkpoint)
+    total = sum(p.numel() for p in model.parameters())  # before a method quantizes the base (QLoRA)
     m = METHODS[method]()
     m.attach(model)
     trainable = sum(p.numel() for _, p in m.trainable(model))
-    return trainable, sum(p.numel() for p in model.parameters())
+    return trainable, total + trainable * (m.name != "full")
 
 
 def exact_match(folder: Path, examples: list, limit: int) -> float:

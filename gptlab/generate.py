@@ -235,10 +235,11 @@ class Engine:
             ids = [self.tokenizer.eos_id]  # GPT-2's convention: an empty prompt starts from <|endoftext|>
         return ids
 
-    def stream_rows(self, prompts: Sequence[str], rows: list[TextStream], max_new_tokens: int,
+    def stream_rows(self, prompts: Sequence[str | Sequence[int]], rows: list[TextStream], max_new_tokens: int,
                     sampling: SamplingParams) -> Iterator[tuple[int, str]]:
-        """(row, text piece) as each row's text becomes final; `rows` (one `TextStream` each) keep the results."""
-        ids = [self._encode(p) for p in prompts]
+        """(row, text piece) as each row's text becomes final; `rows` (one `TextStream` each) keep the results.
+        A prompt is text, or token ids already encoded (and truncated) by the caller."""
+        ids = [self._encode(p) if isinstance(p, str) else list(p) for p in prompts]
         eos = self.tokenizer.eos_id
         for tokens in self.generate_ids(ids, max_new_tokens, sampling, eos):
             for b, t in enumerate(tokens.tolist()):
@@ -250,9 +251,9 @@ class Engine:
             if piece := r.finish():
                 yield b, piece
 
-    def complete(self, prompts: Sequence[str], max_new_tokens: int, sampling: SamplingParams,
+    def complete(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int, sampling: SamplingParams,
                  stop: Sequence[str] = ()) -> list[Completion]:
-        """Generate for a batch of text prompts; one `Completion` each."""
+        """Generate for a batch of prompts (text or token ids); one `Completion` each."""
         rows = [TextStream(self.tokenizer, stop, self.tokenizer.eos_id) for _ in prompts]
         for _ in self.stream_rows(prompts, rows, max_new_tokens, sampling):
             pass

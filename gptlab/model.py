@@ -10,11 +10,13 @@ Generation does not live here: the engine in `generate.py` owns a `KVCache` and 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from gptlab.config import ModelConfig
@@ -205,11 +207,15 @@ class GPT(nn.Module):
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.activation_checkpointing = False  # recompute each block in backward: less memory, ~1/3 more compute
+        # Training loss over chunks of this many tokens, each chunk's logits recomputed in backward: the (tokens x
+        # vocab) logits never exist whole (with GPT-2's 50K vocabulary they outweigh a small model's activations).
+        self.loss_chunk = 0
         # Virtual tokens, set by prompt and prefix tuning (gptlab/peft/virtual.py): `prompt(B)` gives embeddings
         # (B, n, C) placed before the text; `prefix(B)` gives each layer's keys and values (B, nh, n, hs) that every
         # query sees, and the text's positions start after them.
         self.prompt: nn.Module | None = None
         self.prefix: nn.Module | None = None
+        self.quantization = None  # a QuantSpec once the Linear layers are quantized (gptlab/quant)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
@@ -290,17 +296,46 @@ class GPT(nn.Module):
         x, rope = self.embed(x, pos + offset)  # (B, T, C)
         for block, prefix in zip(self.transformer.h, prefixes):
             if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, cache, prefix, rope, use_reentrant=False)
+                # the recompute runs in backward, outside any attention-kernel choice made around the forward (the
+                # CPU's bf16 autocast picks the math kernel): it gets the same choice back
+                backends = sdpa_backends()
+                x = checkpoint(block, x, cache, prefix, rope, use_reentrant=False,
+                               context_fn=lambda b=backends: (contextlib.nullcontext(), sdpa_kernel(b)))
             else:
                 x = block(x, cache, prefix, rope)
         x = x[:, x.size(1) - T:]  # drop the prompt-tuning positions: logits line up with `idx`
         if last_only:
             x = x[:, -1:]
+        if targets is not None and self.loss_chunk and self.training and not last_only:
+            return None, self.chunked_loss(self.transformer.ln_f(x), targets)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+
+    def chunked_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The mean cross-entropy of `h` (B, T, C) against `targets` (B, T), `loss_chunk` tokens at a time."""
+        h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)  # (N, C), (N,)
+        total = h.new_zeros((), dtype=torch.float32)
+        for start in range(0, h.size(0), self.loss_chunk):
+            part = slice(start, start + self.loss_chunk)
+            total = total + checkpoint(self._loss_sum, h[part], targets[part], use_reentrant=False)
+        return total / (targets != -100).sum().clamp(min=1)
+
+    def _loss_sum(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(h)  # (n, vocab)
+        return F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+
+
+def sdpa_backends() -> list[SDPBackend]:
+    """The attention kernels scaled_dot_product_attention may use right now."""
+    enabled = {SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled(),
+               SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled(),
+               SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled(),
+               SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled()}
+    return [b for b, on in enabled.items() if on]
 
 
 def build_on_meta(config: ModelConfig) -> GPT:

@@ -23,13 +23,13 @@ FAMILIES = {
 }
 
 
-def build(kind: str, path, tokenizer):
+def build(kind: str, path, tokenizer, **overrides):
     import transformers
 
     cls = {"llama": "Llama", "mistral": "Mistral", "gemma": "Gemma"}[kind]
     config = getattr(transformers, f"{cls}Config")(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.eos_id,
                                                   eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.eos_id,
-                                                  **FAMILIES[kind])
+                                                  **{**FAMILIES[kind], **overrides})
     torch.manual_seed(0)
     model = getattr(transformers, f"{cls}ForCausalLM")(config).eval()
     with torch.no_grad():  # random norm weights, so that a missed (1 + weight) or scale shows
@@ -63,19 +63,47 @@ def test_family_matches_transformers_both_ways(tmp_path, tokenizer, kind):
         torch.testing.assert_close(again(idx).logits, want, atol=1e-5, rtol=1e-5)
 
 
-def test_lora_trains_on_a_llama(tmp_path, tokenizer, capsys):
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_every_method_quantization_and_the_server_work_on_the_family(tmp_path, tokenizer, kind, capsys):
+    """A few LoRA and QLoRA steps, each quantization scheme (greedy tokens equal to its dequantized float copy), and
+    an OpenAI-style completion from the server on the quantized model."""
+    import copy
     import json
 
-    from gptlab.cli import main
+    from fastapi.testclient import TestClient
 
-    build("llama", tmp_path / "hf", tokenizer)
+    import gptlab
+    from gptlab.cli import main
+    from gptlab.quant.layers import QuantLinear, dequantize_model
+    from gptlab.serve import Server, create_app
+
+    build(kind, tmp_path / "hf", tokenizer, hidden_size=64, intermediate_size=96)  # widths that groups of 32 divide
     import_hf(tmp_path / "hf", tmp_path / "ckpt")
     data = tmp_path / "task.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"The train {i} <to-fr>", "completion": f" Le train {i}"}) + "\n"
                             for i in range(20)))
-    code = main(["finetune", str(tmp_path / "ckpt"), "--method", "lora", "--data", str(data), "--out",
-                 str(tmp_path / "lora"), "--quiet", "--train.max_steps=3", "--train.batch_size=4",
-                 "--train.eval_every=0", "--lora.targets=c_attn,c_proj,c_fc"])
-    assert code == 0, capsys.readouterr().err
-    model, _ = load_checkpoint(tmp_path / "lora")
-    assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, model.config.vocab_size)
+    for method in ("lora", "qlora"):
+        code = main(["finetune", str(tmp_path / "ckpt"), "--method", method, "--data", str(data), "--out",
+                     str(tmp_path / method), "--quiet", "--train.max_steps=3", "--train.batch_size=4",
+                     "--train.eval_every=0", "--qlora.group_size=32"])
+        assert code == 0, capsys.readouterr().err
+        steps = [json.loads(line) for line in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
+        assert steps[-1]["step"] == 3 and all(s["loss"] == s["loss"] for s in steps)  # finite
+        model, _ = load_checkpoint(tmp_path / method)
+        assert not any(isinstance(m, QuantLinear) for m in model.modules())  # merged into float weights
+    prompt = [tokenizer.encode("The train left")]
+    for scheme in ("int8", "int4", "nf4", "fp4"):
+        out = tmp_path / scheme
+        assert main(["quantize", str(tmp_path / "ckpt"), "--scheme", scheme, "--group-size", "32", "--out",
+                     str(out)]) == 0, capsys.readouterr().err
+        quantized, _ = load_checkpoint(out)
+        floated = dequantize_model(copy.deepcopy(quantized))
+        greedy = SamplingParams(temperature=0)
+        got = [int(t) for t in Engine(quantized).generate_ids(prompt, 20, greedy)]
+        assert got == [int(t) for t in Engine(floated).generate_ids(prompt, 20, greedy)], scheme
+    llm = gptlab.load(tmp_path / "nf4", device="cpu")
+    client = TestClient(create_app(Server(llm, kind)))
+    reply = client.post("/v1/completions", json={"model": kind, "prompt": "The train", "max_tokens": 5,
+                                                 "temperature": 0})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["text"] == llm.generate("The train", max_new_tokens=5, temperature=0)

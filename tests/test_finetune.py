@@ -382,3 +382,31 @@ def test_soft_prompt_can_start_from_a_text(hf_pair, tokenizer):
     ids = (method.init_ids * 5)[:5]
     torch.testing.assert_close(model.prompt.embedding.weight, model.transformer.wte.weight[ids])
     assert [n for n, _ in method.trainable(model)] == ["prompt.embedding.weight"]
+
+
+def test_frozen_linears_stored_in_bf16_compute_exactly_what_autocast_did(hf_pair):
+    """Under bf16 autocast the loop keeps a PEFT method's frozen Linear weights in bf16: same losses, same grads."""
+    import copy
+
+    from gptlab.train.loop import store_frozen_linears
+
+    model, _ = load_checkpoint(hf_pair[1])
+    LoRA(r=2, alpha=4).attach(model)
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            torch.nn.init.normal_(m.lora_B.weight, std=0.1)
+    stored = copy.deepcopy(model)
+    store_frozen_linears(stored, torch.bfloat16)
+    assert stored.transformer.h[0].attn.c_attn.base.weight.dtype == torch.bfloat16
+    assert stored.transformer.h[0].attn.c_attn.lora_A.weight.dtype == torch.float32
+    assert stored.transformer.wte.weight.dtype == torch.float32
+    idx = torch.randint(0, 333, (2, 16))
+    results = []
+    for m in (model, stored):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = m(idx, idx)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in m.parameters() if p.requires_grad]))
+    assert torch.equal(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        assert torch.equal(a, b)

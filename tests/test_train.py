@@ -212,3 +212,53 @@ def test_resume_with_other_data_is_refused(data, tmp_path):
         train(make_run(other, out, resume=True, max_steps=4))
     with pytest.raises(GptlabError, match="already holds a training run"):
         train(make_run(data, out, max_steps=4))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(dtype):
+    """Recomputing each block in backward changes memory, not numbers, under the loop's autocast too (on the CPU
+    bf16 picks the math attention kernel, and the recompute must pick it again)."""
+    import copy
+
+    from gptlab.config import ModelConfig
+    from gptlab.model import GPT
+    from gptlab.train.loop import autocast
+
+    torch.manual_seed(0)
+    plain = GPT(ModelConfig.from_preset("tiny")).train()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.activation_checkpointing = True
+    idx = torch.randint(0, plain.config.vocab_size, (2, 32))
+    results = []
+    for model in (plain, checkpointed):
+        with autocast(torch.device("cpu"), dtype):
+            _, loss = model(idx, idx)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    assert torch.equal(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_chunked_loss_equals_the_whole_loss_and_its_gradients():
+    """train.loss_chunk changes memory, not the loss (up to float summation order) or the gradients."""
+    import copy
+
+    from gptlab.config import ModelConfig
+    from gptlab.model import GPT
+
+    torch.manual_seed(0)
+    whole = GPT(ModelConfig.from_preset("tiny")).train()
+    chunked = copy.deepcopy(whole)
+    chunked.loss_chunk = 24  # does not divide the 2 x 40 tokens: the last chunk is short
+    idx = torch.randint(0, whole.config.vocab_size, (2, 40))
+    targets = idx.clone()
+    targets[0, :7] = -100  # masked prompt tokens do not count
+    logits, loss_whole = whole(idx, targets)
+    none, loss_chunked = chunked(idx, targets)
+    assert none is None and logits.shape == (2, 40, whole.config.vocab_size)
+    torch.testing.assert_close(loss_chunked, loss_whole, rtol=1e-6, atol=1e-6)
+    loss_whole.backward()
+    loss_chunked.backward()
+    for a, b in zip(whole.parameters(), chunked.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7)

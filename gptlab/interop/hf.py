@@ -149,6 +149,10 @@ def import_hf(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
 def export_hf(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
     """A gptlab checkpoint -> a folder that `AutoModelForCausalLM` and `AutoTokenizer` load offline."""
     model, tokenizer = load_checkpoint(checkpoint)
+    if model.quantization is not None:  # transformers gets the float weights the codes stand for
+        from gptlab.quant.layers import dequantize_model
+
+        dequantize_model(model)
     with torch.device("meta"):
         plain = set(model_state(GPT(model.config)))
     if set(model_state(model)) != plain:

@@ -3,11 +3,11 @@
 from gptlab.peft.adapter import Adapter, AdapterLinear
 from gptlab.peft.base import Method
 from gptlab.peft.llama_adapter import LlamaAdapter
-from gptlab.peft.lora import LoRA, LoRALinear
+from gptlab.peft.lora import LoRA, LoRALinear, QLoRA
 from gptlab.peft.virtual import PrefixTuning, PromptTuning
 
-METHODS = {"full": Method, "lora": LoRA, "prefix": PrefixTuning, "prompt": PromptTuning, "adapter": Adapter,
-           "llama-adapter": LlamaAdapter}
+METHODS = {"full": Method, "lora": LoRA, "qlora": QLoRA, "prefix": PrefixTuning, "prompt": PromptTuning,
+           "adapter": Adapter, "llama-adapter": LlamaAdapter}
 
 __all__ = ["METHODS", "Adapter", "AdapterLinear", "LlamaAdapter", "LoRA", "LoRALinear", "Method", "PrefixTuning",
-           "PromptTuning"]
+           "PromptTuning", "QLoRA"]

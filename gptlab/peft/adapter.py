@@ -10,18 +10,18 @@ from torch import nn
 
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
-from gptlab.peft.base import SmallMethod, wrap_linears
+from gptlab.peft.base import SmallMethod, float_kind, wrap_linears
 
 DEFAULT_TARGETS = ("attn.c_proj", "mlp.c_proj")  # after attention and after the MLP, as Houlsby places them
 
 
 class AdapterLinear(nn.Module):
-    def __init__(self, base: nn.Linear, bottleneck: int) -> None:
+    def __init__(self, base: nn.Module, bottleneck: int) -> None:
         super().__init__()
         self.base = base
         width = base.out_features
-        self.down = nn.Linear(width, bottleneck, device=base.weight.device, dtype=base.weight.dtype)
-        self.up = nn.Linear(bottleneck, width, device=base.weight.device, dtype=base.weight.dtype)
+        self.down = nn.Linear(width, bottleneck, **float_kind(base))
+        self.up = nn.Linear(bottleneck, width, **float_kind(base))
         nn.init.normal_(self.down.weight, std=1e-3)  # near-identity start, as in the paper
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)

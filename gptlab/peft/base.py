@@ -20,6 +20,7 @@ from gptlab.checkpoint import WEIGHTS, read_weights, save_checkpoint
 from gptlab.errors import GptlabError
 from gptlab.files import atomic_write, atomic_write_text
 from gptlab.model import GPT
+from gptlab.quant.layers import QuantLinear
 from gptlab.tokenizer import Tokenizer
 
 ADAPTER = "adapter.safetensors"
@@ -31,6 +32,9 @@ class Method:
 
     name = "full"
     reserved_positions = 0  # context positions the method takes for itself (virtual tokens)
+    needs_float_weights = True  # full training updates every weight: a quantized base cannot be trained this way
+    paged_optimizer = False  # bitsandbytes' paged AdamW on CUDA (QLoRA)
+    base_quantization = None  # a QuantSpec: the base is quantized while it is loaded (QLoRA)
 
     def __init__(self, **settings: Any) -> None:
         self.settings = settings
@@ -63,13 +67,20 @@ def fingerprint(folder: Path) -> str:
     return h.hexdigest()
 
 
+def float_kind(base: nn.Module) -> dict[str, Any]:
+    """Device and dtype for the float weights a method adds beside `base` (a Linear, or a quantized one)."""
+    if isinstance(base, QuantLinear):
+        return {"device": base.qweight.device, "dtype": base.dtype}
+    return {"device": base.weight.device, "dtype": base.weight.dtype}
+
+
 def wrap_linears(model: GPT, targets: tuple[str, ...], wrap: Any, setting: str) -> int:
-    """Replace every `nn.Linear` whose name is, or ends with, one of `targets` by `wrap(linear)`."""
+    """Replace every Linear (float or quantized) whose name is, or ends with, one of `targets` by `wrap(linear)`."""
     count = 0
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             full = f"{parent_name}.{child_name}" if parent_name else child_name
-            if isinstance(child, nn.Linear) and full != "lm_head" and \
+            if isinstance(child, (nn.Linear, QuantLinear)) and full != "lm_head" and \
                     any(full == t or full.endswith("." + t) for t in targets):
                 setattr(parent, child_name, wrap(child))
                 count += 1
@@ -81,6 +92,8 @@ def wrap_linears(model: GPT, targets: tuple[str, ...], wrap: Any, setting: str) 
 
 class SmallMethod(Method):
     """A method whose checkpoint is only its own trainable weights plus the base folder and its fingerprint."""
+
+    needs_float_weights = False
 
     def save(self, folder: Path, model: GPT, weights: dict[str, torch.Tensor], tokenizer: Tokenizer,
              base: Path | None = None) -> None:

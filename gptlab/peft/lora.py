@@ -1,4 +1,5 @@
-"""LoRA (Hu et al. 2021): a frozen Linear plus a trainable low-rank update, y = W x + (alpha / r) B A x.
+"""LoRA (Hu et al. 2021): a frozen Linear plus a trainable low-rank update, y = W x + (alpha / r) B A x; and QLoRA
+(Dettmers et al. 2023): the same adapters on a base whose Linear layers are frozen in 4-bit NormalFloat.
 
 Laid out as peft lays it out (`lora_A`: r x in, `lora_B`: out x r, A Kaiming-uniform, B zero, so training starts
 from the base model exactly), so that weights move between the two unchanged and the tests can compare logits.
@@ -13,17 +14,20 @@ from torch import nn
 
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
-from gptlab.peft.base import SmallMethod, wrap_linears
+from gptlab.peft.base import SmallMethod, float_kind, wrap_linears
+from gptlab.quant.formats import QuantSpec
+from gptlab.quant.layers import QuantLinear, dequantize_model, quantize_model
 
 DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")  # GPT-2's names: qkv, both output projections, MLP in
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float) -> None:
+    def __init__(self, base: nn.Linear | QuantLinear, r: int, alpha: float, dropout: float) -> None:
         super().__init__()
         self.base = base
-        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        kind = float_kind(base)
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, **kind)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, **kind)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(dropout)
@@ -41,6 +45,8 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
+        if isinstance(self.base, QuantLinear):  # merging into a quantized base gives a float layer
+            self.base = self.base.to_linear()
         if not self.merged:
             self.base.weight += self.delta().to(self.base.weight.dtype)
             self.merged = True
@@ -80,3 +86,32 @@ def merge_lora(model: GPT) -> GPT:
                 child.merge()
                 setattr(parent, name, child.base)
     return model
+
+
+class QLoRA(LoRA):
+    """LoRA on a base quantized at attach time (NF4 with double-quantized scales by default); gradients flow through
+    the 4-bit weights to the adapters, which stay in float. Saved as LoRA is: the adapters and the float base's
+    reference; the base is quantized again, identically, when the checkpoint is loaded."""
+
+    name = "qlora"
+    paged_optimizer = True  # paged AdamW on CUDA, as in the paper: optimizer state pages out under memory spikes
+
+    def __init__(self, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                 targets: tuple[str, ...] | list[str] | str = DEFAULT_TARGETS, scheme: str = "nf4",
+                 group_size: int = 64, double_quant: bool = True) -> None:
+        super().__init__(r, alpha, dropout, targets)
+        self.spec = QuantSpec(scheme, group_size, double_quant)
+        self.settings.update(scheme=scheme, group_size=group_size, double_quant=double_quant)
+
+    @property
+    def base_quantization(self) -> QuantSpec:
+        """Quantize the base while loading it, one matrix at a time: the float model never sits in memory whole."""
+        return self.spec
+
+    def attach(self, model: GPT) -> None:
+        if model.quantization is None:
+            quantize_model(model, self.spec)
+        super().attach(model)
+
+    def fold(self, model: GPT) -> GPT:
+        return dequantize_model(merge_lora(model))

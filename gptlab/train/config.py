@@ -40,6 +40,7 @@ class TrainConfig:
     dtype: str = "float32"  # autocast dtype: float32 (off), bfloat16 or float16
     compile: bool = False
     activation_checkpointing: bool = False
+    loss_chunk: int = 0  # tokens per chunk of the output layer and loss (0: all at once); saves the logits' memory
     distributed: str = "ddp"  # under torchrun: ddp, or fsdp (FSDP2 fully_shard) for models that do not fit one GPU
     device: str | None = None  # default: cuda if present, else cpu
     tensorboard: bool = False
@@ -77,6 +78,13 @@ class LoRAConfig:
 
 
 @dataclass
+class QLoRAConfig(LoRAConfig):
+    scheme: str = "nf4"  # the base's format: nf4 (QLoRA's), fp4, int4 or int8
+    group_size: int = 64  # weights per scale
+    double_quant: bool = True  # quantize the scales too (QLoRA's double quantization)
+
+
+@dataclass
 class AdapterConfig:
     bottleneck: int = 64
     targets: str = "attn.c_proj,mlp.c_proj"
@@ -102,8 +110,8 @@ class LlamaAdapterConfig:
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "lora": LoRAConfig,
-                             "adapter": AdapterConfig, "prefix": PrefixConfig, "prompt": PromptConfig,
-                             "llama_adapter": LlamaAdapterConfig}
+                             "qlora": QLoRAConfig, "adapter": AdapterConfig, "prefix": PrefixConfig,
+                             "prompt": PromptConfig, "llama_adapter": LlamaAdapterConfig}
 _SKIP = {"model": {"name"}}  # fields that are not settings
 
 

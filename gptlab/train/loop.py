@@ -111,8 +111,12 @@ def train(run: Run) -> dict[str, Any]:
         raise GptlabError(f"train.batch_size {cfg.batch_size} must be divisible by the number of processes {d.world}")
     saved = _check_out(run)
     torch.manual_seed(cfg.seed)
-    if run.base is not None:
-        model, _ = load_checkpoint(run.base)  # the base's weights; a resumed method restores its own below
+    if run.base is not None:  # the base's weights; a resumed method restores its own below
+        model, _ = load_checkpoint(run.base, quantize=run.method.base_quantization)
+        if model.quantization is not None and run.method.needs_float_weights:
+            raise GptlabError(f"{run.base} is quantized ({model.quantization.scheme}); {run.method.name} training "
+                              "needs float weights: fine-tune its float source, or use a method that keeps the "
+                              "base frozen (lora, qlora, adapter, prefix, prompt, llama-adapter)")
     elif saved:
         model = GPT(ModelConfig.from_json(str(run.out / CONFIG)))
     else:
@@ -124,12 +128,16 @@ def train(run: Run) -> dict[str, Any]:
     run.method.attach(model)
     if saved:
         run.method.restore(model, run.out)
+    if cfg.dtype != "float32":
+        store_frozen_linears(model, getattr(torch, cfg.dtype))
     model.activation_checkpointing = cfg.activation_checkpointing
+    model.loss_chunk = cfg.loss_chunk
     model.to(d.device).train()
     wrapped = distributed.wrap(model, d, cfg.distributed)
     named = run.method.trainable(model)  # after wrapping: FSDP replaces the parameters with sharded ones
     params = [p for _, p in named]
-    optimizer = build_optimizer(named, cfg, d.device, sharded=d.active and cfg.distributed == "fsdp")
+    optimizer = build_optimizer(named, cfg, d.device, sharded=d.active and cfg.distributed == "fsdp",
+                                paged=run.method.paged_optimizer)
     start = 0
     if saved:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -224,6 +232,19 @@ def train(run: Run) -> dict[str, Any]:
             metrics.close()
         distributed.teardown(d)
     return last
+
+
+def store_frozen_linears(model: GPT, dtype: torch.dtype) -> None:
+    """Keep frozen Linear weights in the autocast dtype: autocast casts them to it for every product anyway, so the
+    numbers are the same, while memory halves and the per-step cast goes away (LoRA's base in 16 bits, as peft users
+    load it). Embeddings and norms stay float32, as does every trainable weight."""
+    tied = model.transformer.wte.weight
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and module.weight is not tied:
+                module.weight.data = module.weight.data.to(dtype)
+                if module.bias is not None and not module.bias.requires_grad:
+                    module.bias.data = module.bias.data.to(dtype)
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -18,8 +18,17 @@ def param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> 
 
 
 def build_optimizer(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig, device: torch.device,
-                    sharded: bool = False) -> torch.optim.AdamW:
-    """AdamW, fused where PyTorch has a fused kernel for the device (CPU and CUDA), else foreach."""
+                    sharded: bool = False, paged: bool = False) -> torch.optim.Optimizer:
+    """AdamW, fused where PyTorch has a fused kernel for the device (CPU and CUDA), else foreach; with `paged` on
+    CUDA, bitsandbytes' paged AdamW (its state lives in unified memory and pages to the CPU under pressure)."""
+    if paged and device.type == "cuda" and not sharded:
+        from gptlab.quant.formats import bnb
+
+        bnb()
+        import bitsandbytes.optim
+
+        return bitsandbytes.optim.PagedAdamW(param_groups(named, cfg.weight_decay), lr=cfg.lr,
+                                             betas=(cfg.beta1, cfg.beta2))
     fused = not sharded and device.type in ("cpu", "cuda")
     return torch.optim.AdamW(param_groups(named, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              fused=fused or None, foreach=None if fused else True)

@@ -1,0 +1,252 @@
+"""GGUF export: every tensor and key read back with the gguf package's own reader, and (marked slow, where
+llama-cpp-python is installed: `make test-llama-cpp`) llama.cpp's tokens and logits against gptlab's."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gptlab.checkpoint import load_checkpoint, model_state, save_checkpoint
+from gptlab.cli import main
+from gptlab.config import ModelConfig
+from gptlab.generate import Engine, SamplingParams
+from gptlab.interop.hf import import_hf
+from gptlab.model import GPT
+from gptlab.tokenizer import Tokenizer
+
+from .conftest import TEXT, make_hf_gpt2
+from .test_families import build
+
+gguf = pytest.importorskip("gguf")
+KINDS = ("gpt2", "llama", "gemma", "char")
+ARCH = {"gpt2": "gpt2", "llama": "llama", "gemma": "gemma", "char": "gpt2"}
+PROMPT = "The train left the"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, tokenizer) -> dict:
+    """One small checkpoint per kind, with widths that Q8_0's blocks of 32 divide and weights large enough that the
+    next token is rarely a near-tie."""
+    root = tmp_path_factory.mktemp("gguf")
+    make_hf_gpt2(root / "hf-gpt2", tokenizer, n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=320,
+                 initializer_range=0.2)
+    import_hf(root / "hf-gpt2", root / "gpt2")
+    for kind in ("llama", "gemma"):
+        build(kind, root / f"hf-{kind}", tokenizer, hidden_size=64, intermediate_size=96, initializer_range=0.2)
+        import_hf(root / f"hf-{kind}", root / kind)
+    chars = Tokenizer.train_char([TEXT])  # a character tokenizer: llama.cpp's SentencePiece-style vocabulary
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_preset("tiny", vocab_size=chars.vocab_size))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8)
+    save_checkpoint(root / "char", model, chars)
+    return {kind: root / kind for kind in KINDS}
+
+
+def field(reader, key: str):
+    f = reader.fields[key]
+    if len(f.types) > 1 or f.types[0] == gguf.GGUFValueType.ARRAY:
+        if f.types[-1] == gguf.GGUFValueType.STRING:
+            return [bytes(f.parts[i]).decode() for i in f.data]
+        return [f.parts[i].tolist()[0] for i in f.data]
+    if f.types[0] == gguf.GGUFValueType.STRING:
+        return bytes(f.parts[-1]).decode()
+    return f.parts[-1].tolist()[0]
+
+
+def unrotate(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's interleaved rotary rows back to rotate-half order (the inverse of the exporter's permutation)."""
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
+
+
+def expected_tensors(kind: str, model: GPT) -> dict[str, np.ndarray]:
+    """What each GGUF tensor must hold, written out from our own parameter names."""
+    cfg = model.config
+    s = {k: v.float().numpy() for k, v in model_state(model).items()}
+    plus = 1.0 if kind == "gemma" else 0.0
+    out = {"token_embd.weight": s["transformer.wte.weight"], "output_norm.weight": s["transformer.ln_f.weight"] + plus}
+    if ARCH[kind] == "gpt2":
+        out["position_embd.weight"] = s["transformer.wpe.weight"]
+        out["output_norm.bias"] = s["transformer.ln_f.bias"]
+    if not cfg.tie_embeddings:
+        out["output.weight"] = s["lm_head.weight"]
+    q, kv = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    for i in range(cfg.n_layer):
+        p = f"transformer.h.{i}."
+        names = {"attn_norm": "ln_1", "ffn_norm": "ln_2", "attn_output": "attn.c_proj", "ffn_down": "mlp.c_proj"}
+        if ARCH[kind] == "gpt2":
+            names.update(attn_qkv="attn.c_attn", ffn_up="mlp.c_fc")
+            for theirs, ours in names.items():
+                out[f"blk.{i}.{theirs}.bias"] = s[f"{p}{ours}.bias"]
+        for theirs, ours in names.items():
+            out[f"blk.{i}.{theirs}.weight"] = s[f"{p}{ours}.weight"] + (plus if "norm" in theirs else 0.0)
+        if ARCH[kind] != "gpt2":
+            qkv = s[p + "attn.c_attn.weight"]
+            out[f"blk.{i}.attn_q.weight"], out[f"blk.{i}.attn_k.weight"] = qkv[:q], qkv[q:q + kv]
+            out[f"blk.{i}.attn_v.weight"] = qkv[q + kv:]
+            hidden = s[p + "mlp.c_fc.weight"].shape[0] // 2
+            out[f"blk.{i}.ffn_gate.weight"] = s[p + "mlp.c_fc.weight"][:hidden]
+            out[f"blk.{i}.ffn_up.weight"] = s[p + "mlp.c_fc.weight"][hidden:]
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_gguf_holds_every_tensor_and_key(checkpoints, tmp_path, kind, dtype):
+    out = tmp_path / f"{kind}.gguf"
+    assert main(["export", "gguf", str(checkpoints[kind]), str(out), "--dtype", dtype]) == 0
+    model, tokenizer = load_checkpoint(checkpoints[kind])
+    cfg, arch = model.config, ARCH[kind]
+    reader = gguf.GGUFReader(out)
+    assert field(reader, "general.architecture") == arch
+    want = {f"{arch}.block_count": cfg.n_layer, f"{arch}.context_length": cfg.block_size,
+            f"{arch}.embedding_length": cfg.n_embd, f"{arch}.feed_forward_length": cfg.hidden_dim,
+            f"{arch}.attention.head_count": cfg.n_head,
+            "general.file_type": {"f32": 0, "f16": 1, "q8_0": 7}[dtype],
+            "tokenizer.ggml.eos_token_id": tokenizer.eos_id}
+    if arch == "gpt2":
+        want[f"{arch}.attention.layer_norm_epsilon"] = pytest.approx(cfg.norm_eps)
+    else:
+        want.update({f"{arch}.attention.head_count_kv": cfg.kv_heads, f"{arch}.attention.key_length": cfg.head_dim,
+                     f"{arch}.attention.layer_norm_rms_epsilon": pytest.approx(cfg.norm_eps),
+                     f"{arch}.rope.freq_base": pytest.approx(cfg.rope_theta)})
+    for key, value in want.items():
+        assert field(reader, key) == value, key
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    assert len(tokens) == cfg.vocab_size and tokens[tokenizer.eos_id] == "<|endoftext|>"
+    if kind == "char":
+        assert field(reader, "tokenizer.ggml.model") == "llama" and "<0x41>" in tokens and "\u2581" in tokens
+    else:
+        assert field(reader, "tokenizer.ggml.model") == "gpt2"
+        merges = json.loads(tokenizer.backend.to_str())["model"]["merges"]
+        assert field(reader, "tokenizer.ggml.merges") == [m if isinstance(m, str) else " ".join(m) for m in merges]
+        vocab = tokenizer.backend.get_vocab()
+        assert all(tokens[i] == t for t, i in vocab.items())
+
+    expected = expected_tensors(kind, model)
+    stored = {t.name: t for t in reader.tensors}
+    assert set(stored) == set(expected)
+    for name, want_t in expected.items():
+        t = stored[name]
+        if t.tensor_type == gguf.GGMLQuantizationType.Q8_0:
+            data = gguf.quants.dequantize(t.data, t.tensor_type).reshape(want_t.shape)
+        else:
+            data = np.asarray(t.data, dtype=np.float32).reshape(want_t.shape)
+        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+            data = unrotate(data, cfg.n_head if "attn_q" in name else cfg.kv_heads)
+        if want_t.ndim == 1 or dtype == "f32":
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32, name
+            np.testing.assert_array_equal(data, want_t, err_msg=name)
+        elif dtype == "f16":
+            assert t.tensor_type == gguf.GGMLQuantizationType.F16, name
+            np.testing.assert_array_equal(data, want_t.astype(np.float16).astype(np.float32), err_msg=name)
+        else:
+            assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0, name
+            blocks = want_t.reshape(-1, 32)
+            step = np.abs(blocks).max(axis=1, keepdims=True) / 127
+            bound = step * (0.5 + 127 * 2.0**-11) + 1e-6  # half a step, plus the f16 rounding of the step itself
+            assert (np.abs(data.reshape(-1, 32) - blocks) <= bound).all(), name
+
+
+def test_rotary_permutation_keeps_attention_scores(checkpoints):
+    """Interleaved rotary on the permuted rows gives the same q.k as rotate-half rotary on ours."""
+    from gptlab.interop.gguf import permute_rotary
+
+    heads, hs, width, T = 2, 8, 16, 5
+    torch.manual_seed(0)
+    wq, wk, x = torch.randn(heads * hs, width), torch.randn(heads * hs, width), torch.randn(T, width)
+    inv = 1.0 / (10000 ** (torch.arange(0, hs, 2).float() / hs))  # (hs/2,)
+    ang = torch.arange(T).float()[:, None] * inv  # (T, hs/2)
+    cos, sin = ang.cos(), ang.sin()
+
+    def half(v):  # (T, heads, hs), Hugging Face's rotate_half
+        a, b = v[..., : hs // 2], v[..., hs // 2:]
+        return torch.cat([a * cos[:, None] - b * sin[:, None], b * cos[:, None] + a * sin[:, None]], -1)
+
+    def pairs(v):  # llama.cpp's normal rope: consecutive pairs
+        a, b = v[..., 0::2], v[..., 1::2]
+        return torch.stack([a * cos[:, None] - b * sin[:, None], b * cos[:, None] + a * sin[:, None]], -1).flatten(-2)
+
+    def scores(q, k):
+        return torch.einsum("thd,shd->hts", q, k)
+
+    ours = scores(half((x @ wq.T).view(T, heads, hs)), half((x @ wk.T).view(T, heads, hs)))
+    theirs = scores(pairs((x @ permute_rotary(wq, heads).T).view(T, heads, hs)),
+                    pairs((x @ permute_rotary(wk, heads).T).view(T, heads, hs)))
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_quantized_checkpoint_exports_its_float_weights(checkpoints, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    assert main(["quantize", str(checkpoints["gpt2"]), "--scheme", "int8", "--out", str(tmp_path / "q")]) == 0
+    assert main(["export", "gguf", str(tmp_path / "q"), str(tmp_path / "q.gguf"), "--dtype", "f32"]) == 0
+    model, _ = load_checkpoint(tmp_path / "q")
+    reader = gguf.GGUFReader(tmp_path / "q.gguf")
+    qkv = next(t for t in reader.tensors if t.name == "blk.0.attn_qkv.weight")
+    want = model.transformer.h[0].attn.c_attn.dequantize(torch.float32).numpy()
+    np.testing.assert_array_equal(np.asarray(qkv.data).reshape(want.shape), want)
+
+
+def test_bad_gguf_exports_are_one_line(checkpoints, tmp_path, tokenizer, capsys):
+    odd = tmp_path / "odd"  # learned positions with RMSNorm and SwiGLU: no llama.cpp architecture has that
+    save_checkpoint(odd, GPT(ModelConfig.from_preset("tiny", norm="rmsnorm", mlp="swiglu", bias=False,
+                                                     vocab_size=tokenizer.vocab_size)), tokenizer)
+    (tmp_path / "taken.gguf").write_bytes(b"keep")
+    cases = {
+        ("export", "gguf", str(odd), str(tmp_path / "x.gguf")): "llama.cpp has no architecture for this model",
+        ("export", "gguf", str(checkpoints["gpt2"]), str(tmp_path / "taken.gguf")): "already exists",
+        ("export", "gguf", str(checkpoints["gpt2"]), str(tmp_path / "x.gguf"), "--dtype", "q4_k"): "invalid choice",
+        ("export", "gguf", str(tmp_path / "missing"), str(tmp_path / "x.gguf")): "does not exist",
+    }
+    for argv, message in cases.items():
+        assert main(list(argv)) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, (argv, err)
+    assert (tmp_path / "taken.gguf").read_bytes() == b"keep"
+    assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["f16", "q8_0"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_llama_cpp_runs_the_export_as_gptlab_does(checkpoints, tmp_path, kind, dtype):
+    """llama.cpp (through llama-cpp-python) tokenizes as we do, and its greedy tokens are ours. Q8_0 also rounds
+    the activations to 8 bits, so there the check is on logits along gptlab's greedy path: the same argmax wherever
+    gptlab's top two logits are further apart than that rounding moves them."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    out = tmp_path / f"{kind}.gguf"
+    assert main(["export", "gguf", str(checkpoints[kind]), str(out), "--dtype", dtype]) == 0
+    model, tokenizer = load_checkpoint(checkpoints[kind])
+    prompt = tokenizer.encode(PROMPT)
+    ours = [int(t) for t in Engine(model).generate_ids([prompt], 24, SamplingParams(temperature=0))]
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=model.config.block_size, logits_all=True, verbose=False)
+    assert llm.tokenize(PROMPT.encode(), add_bos=False, special=False) == prompt
+    assert llm.detokenize(prompt).decode() == PROMPT
+    if "\ufffd" not in tokenizer.decode(ours):  # a random model's byte tokens need not form UTF-8
+        assert llm.detokenize(ours).decode() == tokenizer.decode(ours)
+    sequence = prompt + ours
+    llm.reset()
+    llm.eval(sequence)
+    theirs = np.array(llm.scores[: len(sequence)])  # (T, vocab) logits llama.cpp computed at each position
+    with torch.no_grad():
+        logits = model(torch.tensor([sequence]))[0].numpy()  # (T, vocab)
+    scale = np.abs(logits).max()
+    deviation = np.abs(theirs - logits).max()
+    assert deviation < (0.01 if dtype == "f16" else 0.1) * scale
+    if dtype == "f16":
+        generated = []
+        for t in llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0, reset=True):
+            generated.append(t)
+            if len(generated) == len(ours):
+                break
+        assert generated == ours
+    else:
+        top2 = np.sort(logits, axis=-1)[:, -2:]
+        clear = (top2[:, 1] - top2[:, 0]) > 2 * deviation  # no rounding of this size can swap the first two
+        assert clear.sum() >= 3
+        assert (theirs.argmax(-1)[clear] == logits.argmax(-1)[clear]).all()

@@ -1,0 +1,101 @@
+"""gptlab inside lm-evaluation-harness: the three request types on small local tasks, scored exactly as the
+harness's own Hugging Face model (`hf`) scores the exported copy of the same checkpoint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from gptlab.interop.hf import export_hf
+
+lm_eval = pytest.importorskip("lm_eval")
+
+TASKS = {
+    "gl_choice": {"output_type": "multiple_choice", "doc_to_text": "{{question}}", "doc_to_choice": "{{choices}}",
+                  "doc_to_target": "{{answer}}", "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]},
+    "gl_ppl": {"output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
+               "metric_list": [{"metric": "word_perplexity"}, {"metric": "byte_perplexity"},
+                               {"metric": "bits_per_byte"}]},
+    "gl_gen": {"output_type": "generate_until", "doc_to_text": "{{prompt}}", "doc_to_target": "{{answer}}",
+               "generation_kwargs": {"until": ["\n"], "max_gen_toks": 12, "do_sample": False},
+               "metric_list": [{"metric": "exact_match"}]},
+}
+
+
+def docs(task: str) -> list[dict]:
+    words = ["train", "ship", "station", "harbour", "noon", "dawn"]
+    if task == "gl_choice":
+        return [{"question": f"The {w} left the", "choices": [" station", " harbour", " noon"], "answer": i % 3}
+                for i, w in enumerate(words)]
+    if task == "gl_ppl":  # the first text is longer than the 96-token context: several rolling windows
+        return [{"text": "The train left the station at noon. " * 12}, {"text": "def add(a, b):\n    return a + b"}]
+    return [{"prompt": f"The {w} left the", "answer": " station"} for w in words]
+
+
+@pytest.fixture(scope="module")
+def tasks_dir(tmp_path_factory):
+    import yaml
+
+    root = tmp_path_factory.mktemp("tasks")
+    for name, spec in TASKS.items():
+        data = root / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(d) + "\n" for d in docs(name)))
+        config = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+                  "test_split": "test", **spec}
+        (root / f"{name}.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+def evaluate(model: str, model_args: dict, tasks_dir, monkeypatch) -> dict:
+    from lm_eval.tasks import TaskManager
+
+    import gptlab.harness  # noqa: F401  (registers the gptlab model)
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=list(TASKS), batch_size=1,
+                                   task_manager=TaskManager(include_path=str(tasks_dir)), log_samples=True,
+                                   device="cpu")
+
+
+def same(a, b) -> bool:
+    """Equal structures; floats (log-likelihoods) to 1e-4, booleans and text exactly."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and not isinstance(b, bool):
+        return a == pytest.approx(b, abs=1e-4)
+    return a == b
+
+
+def test_scores_equal_the_harness_hf_model_on_the_exported_copy(hf_pair, tasks_dir, tmp_path, monkeypatch):
+    _, ckpt = hf_pair
+    export_hf(ckpt, tmp_path / "hf")
+    ours = evaluate("gptlab", {"checkpoint": str(ckpt)}, tasks_dir, monkeypatch)
+    theirs = evaluate("hf", {"pretrained": str(tmp_path / "hf"), "dtype": "float32"}, tasks_dir, monkeypatch)
+    for task in TASKS:
+        mine, ref = ours["results"][task], theirs["results"][task]
+        metrics = [k for k in ref if "," in k and "stderr" not in k]
+        assert metrics, ref
+        for key in metrics:
+            assert mine[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-6), (task, key)
+        # request by request: the same log-likelihoods and the same generated text
+        assert len(ours["samples"][task]) == len(theirs["samples"][task]) == len(docs(task))
+        for a, b in zip(ours["samples"][task], theirs["samples"][task]):
+            assert same(a["resps"], b["resps"]), (task, a["resps"], b["resps"])
+    assert ours["results"]["gl_ppl"]["word_perplexity,none"] > 1
+
+
+def test_lm_eval_command_line_with_the_gptlab_model(hf_pair, tasks_dir, tmp_path):
+    _, ckpt = hf_pair
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "gptlab.harness", "--model", "gptlab", "--model_args", f"checkpoint={ckpt}",
+           "--tasks", "gl_choice", "--include_path", str(tasks_dir), "--output_path", str(out), "--device", "cpu"]
+    env = {**__import__("os").environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "gl_choice" in done.stdout and "acc" in done.stdout
+    results = [json.loads(p.read_text()) for p in out.rglob("results*.json")]
+    assert results and "acc,none" in results[0]["results"]["gl_choice"]
