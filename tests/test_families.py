@@ -9,6 +9,9 @@ import torch
 from gptlab.checkpoint import load_checkpoint
 from gptlab.generate import Engine, SamplingParams
 from gptlab.interop.hf import export_hf, import_hf
+from gptlab.tokenizer import Tokenizer
+
+from .conftest import TEXT
 
 FAMILIES = {
     # grouped-query attention (4 query heads, 2 key/value heads), untied head, rope theta not the default
@@ -107,3 +110,54 @@ def test_every_method_quantization_and_the_server_work_on_the_family(tmp_path, t
                                                  "temperature": 0})
     assert reply.status_code == 200, reply.text
     assert reply.json()["choices"][0]["text"] == llm.generate("The train", max_new_tokens=5, temperature=0)
+
+
+def test_sharded_folders_and_bad_input(tmp_path, tokenizer, capsys):
+    """A sharded Llama imports as a whole one does; a missing shard, an unsupported architecture or rope scaling, and
+    a tokenizer larger than the vocabulary are one line each."""
+    import json
+    import shutil
+
+    from gptlab.cli import main
+
+    hf = build("llama", tmp_path / "whole", tokenizer)
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    tokenizer.save(tmp_path / "sharded" / "tokenizer.json")
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert main(["import", "hf", str(tmp_path / "sharded"), str(tmp_path / "from-shards")]) == 0
+    import_hf(tmp_path / "whole", tmp_path / "from-whole")
+    a, _ = load_checkpoint(tmp_path / "from-shards")
+    b, _ = load_checkpoint(tmp_path / "from-whole")
+    idx = torch.randint(0, tokenizer.vocab_size, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(a(idx), b(idx), rtol=0, atol=0)
+
+    missing = tmp_path / "missing"
+    shutil.copytree(tmp_path / "sharded", missing)
+    (missing / shards[0].name).unlink()
+    arch = tmp_path / "arch"
+    shutil.copytree(tmp_path / "whole", arch)
+    config = json.loads((arch / "config.json").read_text())
+    (arch / "config.json").write_text(json.dumps({**config, "model_type": "falcon",
+                                                  "architectures": ["FalconForCausalLM"]}))
+    scaled = tmp_path / "scaled"
+    shutil.copytree(tmp_path / "whole", scaled)
+    (scaled / "config.json").write_text(json.dumps({**config, "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+                                                    "rope_parameters": None}))
+    small = tmp_path / "small-vocab"
+    shutil.copytree(tmp_path / "whole", small)
+    bigger = Tokenizer.train_bpe([TEXT * 3], vocab_size=tokenizer.vocab_size + 40)
+    bigger.save(small / "tokenizer.json")
+    cases = {
+        missing: f"missing weight shard(s): {shards[0].name}",
+        arch: "unsupported architecture 'falcon'",
+        scaled: "unsupported rope scaling 'linear'",
+        small: "but the model's vocabulary is",
+    }
+    capsys.readouterr()  # transformers' own progress bars while saving
+    for folder, message in cases.items():
+        assert main(["import", "hf", str(folder), str(tmp_path / "out" / folder.name)]) == 2, folder
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, (folder, err)
+        assert not (tmp_path / "out" / folder.name).exists()
