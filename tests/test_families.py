@@ -68,7 +68,7 @@ def test_family_matches_transformers_both_ways(tmp_path, tokenizer, kind):
 
 @pytest.mark.parametrize("kind", list(FAMILIES))
 def test_every_method_quantization_and_the_server_work_on_the_family(tmp_path, tokenizer, kind, capsys):
-    """A few LoRA and QLoRA steps, each quantization scheme (greedy tokens equal to its dequantized float copy), and
+    """A few steps of every method, each quantization scheme (greedy tokens equal to its dequantized float copy), and
     an OpenAI-style completion from the server on the quantized model."""
     import copy
     import json
@@ -85,15 +85,17 @@ def test_every_method_quantization_and_the_server_work_on_the_family(tmp_path, t
     data = tmp_path / "task.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"The train {i} <to-fr>", "completion": f" Le train {i}"}) + "\n"
                             for i in range(20)))
-    for method in ("lora", "qlora"):
+    for method in ("full", "lora", "qlora", "prefix", "prompt", "adapter", "llama-adapter"):
         code = main(["finetune", str(tmp_path / "ckpt"), "--method", method, "--data", str(data), "--out",
                      str(tmp_path / method), "--quiet", "--train.max_steps=3", "--train.batch_size=4",
-                     "--train.eval_every=0", "--qlora.group_size=32"])
+                     "--train.eval_every=0", "--qlora.group_size=32", "--prefix.virtual_tokens=4",
+                     "--prompt.virtual_tokens=4", "--llama_adapter.layers=2", "--llama_adapter.virtual_tokens=4"])
         assert code == 0, capsys.readouterr().err
         steps = [json.loads(line) for line in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
         assert steps[-1]["step"] == 3 and all(s["loss"] == s["loss"] for s in steps)  # finite
         model, _ = load_checkpoint(tmp_path / method)
-        assert not any(isinstance(m, QuantLinear) for m in model.modules())  # merged into float weights
+        assert not any(isinstance(m, QuantLinear) for m in model.modules())  # QLoRA: merged into float weights
+        assert Engine(model, tokenizer).complete(["The train"], 3, SamplingParams(temperature=0))[0].text is not None
     prompt = [tokenizer.encode("The train left")]
     for scheme in ("int8", "int4", "nf4", "fp4"):
         out = tmp_path / scheme
