@@ -410,3 +410,28 @@ def test_frozen_linears_stored_in_bf16_compute_exactly_what_autocast_did(hf_pair
     assert torch.equal(results[0][0], results[1][0])
     for a, b in zip(results[0][1], results[1][1]):
         assert torch.equal(a, b)
+
+
+def test_eight_bit_adamw_trains_and_resumes_exactly(capsys, hf_pair, tmp_path):
+    """bitsandbytes' AdamW8bit through the loop: its quantized moments are saved and restored bit for bit."""
+    pytest.importorskip("bitsandbytes")
+    _, ckpt = hf_pair
+    data = write_task(tmp_path / "task.jsonl")
+    common = ["--method=full", "--train.lr_decay_steps=8", "--train.optimizer=adamw8bit"]
+    assert finetune(capsys, ckpt, data, tmp_path / "a", *common, "--train.max_steps=8")[0] == 0
+    assert finetune(capsys, ckpt, data, tmp_path / "b", *common, "--train.max_steps=4")[0] == 0
+    assert finetune(capsys, ckpt, data, tmp_path / "b", *common, "--train.max_steps=8", "--resume")[0] == 0
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert losses(tmp_path / "a")[8] < losses(tmp_path / "a")[1]
+    saved = torch.load(tmp_path / "a" / "train_state.pt", weights_only=True)
+
+
+    def tensors(x):
+        if isinstance(x, dict):
+            return [t for v in x.values() for t in tensors(v)]
+        return [x] if torch.is_tensor(x) else []
+
+    # matrices of 4096 weights or more keep 8-bit moments (bitsandbytes' threshold); smaller ones stay 32-bit
+    assert any(t.dtype == torch.uint8 for t in tensors(saved["optimizer"]["state"]))
+    code, err = finetune(capsys, ckpt, data, tmp_path / "c", "--method=lora", "--train.optimizer=sgd")
+    assert code == 2 and "train.optimizer must be one of adamw, adamw8bit" in err

@@ -18,6 +18,8 @@ from typing import Any
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
 
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
+
 
 @dataclass
 class TrainConfig:
@@ -32,6 +34,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
+    optimizer: str = "adamw"  # adamw (PyTorch), or bitsandbytes' adamw8bit, paged_adamw, paged_adamw8bit
     log_every: int = 10
     eval_every: int = 100  # 0 disables evaluation
     eval_steps: int = 20
@@ -57,6 +60,8 @@ class TrainConfig:
             raise GptlabError(f"train.lr must be > 0, got {self.lr}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise GptlabError(f"train.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise GptlabError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.distributed not in ("ddp", "fsdp"):
             raise GptlabError(f"train.distributed must be ddp or fsdp, got {self.distributed!r}")
 

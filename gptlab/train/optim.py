@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 from torch import nn
 
+from gptlab.errors import GptlabError
 from gptlab.train.config import TrainConfig
 
 
@@ -19,16 +21,29 @@ def param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> 
 
 def build_optimizer(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig, device: torch.device,
                     sharded: bool = False, paged: bool = False) -> torch.optim.Optimizer:
-    """AdamW, fused where PyTorch has a fused kernel for the device (CPU and CUDA), else foreach; with `paged` on
-    CUDA, bitsandbytes' paged AdamW (its state lives in unified memory and pages to the CPU under pressure)."""
-    if paged and device.type == "cuda" and not sharded:
+    """`train.optimizer`: PyTorch's AdamW (fused where it has a kernel for the device, else foreach), or one of
+    bitsandbytes': `adamw8bit` (moments in 8 bits: a quarter of the optimizer's memory), `paged_adamw` and
+    `paged_adamw8bit` (state in CUDA unified memory, paged to the CPU under pressure; plain on a CPU). `paged` (QLoRA)
+    turns the default into paged AdamW on CUDA."""
+    kind = cfg.optimizer
+    if kind == "adamw" and paged and device.type == "cuda" and not sharded:
+        kind = "paged_adamw"
+    if kind != "adamw":
+        if sharded:
+            raise GptlabError(f"train.optimizer {kind} (bitsandbytes) does not take FSDP-sharded parameters; use "
+                              "adamw with train.distributed fsdp")
         from gptlab.quant.formats import bnb
 
         bnb()
-        import bitsandbytes.optim
+        import bitsandbytes.optim as bnb_optim
 
-        return bitsandbytes.optim.PagedAdamW(param_groups(named, cfg.weight_decay), lr=cfg.lr,
-                                             betas=(cfg.beta1, cfg.beta2))
+        if device.type != "cuda":  # no unified memory to page: the same optimizer unpaged
+            kind = kind.removeprefix("paged_")
+        if kind == "adamw":
+            return build_optimizer(named, dataclasses.replace(cfg, optimizer="adamw"), device)
+        cls = {"adamw8bit": bnb_optim.AdamW8bit, "paged_adamw": bnb_optim.PagedAdamW,
+               "paged_adamw8bit": bnb_optim.PagedAdamW8bit}[kind]
+        return cls(param_groups(named, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     fused = not sharded and device.type in ("cpu", "cuda")
     return torch.optim.AdamW(param_groups(named, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              fused=fused or None, foreach=None if fused else True)
