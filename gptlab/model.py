@@ -314,7 +314,6 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
-
     def chunked_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The mean cross-entropy of `h` (B, T, C) against `targets` (B, T), `loss_chunk` tokens at a time."""
         h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)  # (N, C), (N,)

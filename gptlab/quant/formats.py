@@ -19,6 +19,7 @@ Double quantization (QLoRA): the float32 scales of a 4-bit matrix are themselves
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -100,7 +101,9 @@ def bnb():
     return F
 
 
+@functools.cache
 def has_bnb() -> bool:
+    """Whether bitsandbytes' kernels are there (asked once: every product of a quantized layer asks)."""
     try:
         bnb()
         return True

@@ -128,7 +128,7 @@ def train(run: Run) -> dict[str, Any]:
     run.method.attach(model)
     if saved:
         run.method.restore(model, run.out)
-    if cfg.dtype != "float32":
+    if cfg.dtype != "float32" and not (d.active and cfg.distributed == "fsdp"):  # FSDP2 shards one dtype per group
         store_frozen_linears(model, getattr(torch, cfg.dtype))
     model.activation_checkpointing = cfg.activation_checkpointing
     model.loss_chunk = cfg.loss_chunk
