@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	# an editable install leaves out the wheel's start-up hook that lets `lm_eval --model gptlab` work: add it
+	$(PY) -c "import shutil, sysconfig; shutil.copy('gptlab-harness.pth', sysconfig.get_paths()['purelib'])"
 	touch $(STAMP)
 
 install: $(STAMP)

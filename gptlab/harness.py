@@ -1,10 +1,11 @@
 """gptlab as a model of EleutherAI's lm-evaluation-harness.
 
-    python -m gptlab.harness --model gptlab --model_args checkpoint=out/run --tasks hellaswag [any lm_eval flag]
+    lm_eval --model gptlab --model_args checkpoint=out/run --tasks hellaswag [any lm_eval flag]
 
-is the harness's own command line with a `gptlab` model registered (lm_eval discovers models only from its own
-package, so a third-party model needs this one import first); from Python, `import gptlab.harness` and then
-`lm_eval.simple_evaluate(model="gptlab", model_args={"checkpoint": ...}, ...)`.
+works once gptlab is installed: lm_eval discovers models only inside its own package, so gptlab installs a start-up
+hook (`gptlab-harness.pth`, `gptlab_harness_hook.py`) that registers this model lazily when lm_eval loads its models.
+`python -m gptlab.harness ...` is the same command with the model registered directly; from Python,
+`import gptlab.harness` and then `lm_eval.simple_evaluate(model="gptlab", model_args={"checkpoint": ...}, ...)`.
 
 The three request types follow the harness's Hugging Face model (`hf`) step for step: a context's trailing spaces
 move to the continuation, an empty context is the end-of-text token, windows keep the last `max_length` tokens, and
@@ -15,6 +16,11 @@ rolling log-likelihoods use the harness's own disjoint windows; so both give the
 from __future__ import annotations
 
 import sys
+
+if __name__ == "__main__":  # run as `python -m`: let the model class belong to `gptlab.harness`, where lm_eval looks
+    from gptlab.harness import main
+
+    sys.exit(main())
 from typing import Any
 
 import lm_eval.models  # noqa: F401  (registers the harness's own models first)
@@ -35,6 +41,9 @@ class GptlabLM(TemplateLM):
     def __init__(self, checkpoint: str, device: str | None = None, dtype: str | None = None,
                  max_gen_toks: int = 256, batch_size: int | str = 1, **_: Any) -> None:
         super().__init__()
+        if device and device.startswith("cuda") and not torch.cuda.is_available():
+            print(f"gptlab: no CUDA GPU for device {device!r}; running on the CPU", file=sys.stderr)
+            device = "cpu"  # the harness's command line asks for cuda unless told otherwise
         self.llm = load(checkpoint, device=device, dtype=dtype)
         self.max_gen_toks = int(max_gen_toks)
         self.max_length = self.llm.model.config.block_size
@@ -104,7 +113,3 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
     cli_evaluate()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,8 +4,12 @@ harness's own Hugging Face model (`hf`) scores the exported copy of the same che
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 
@@ -88,14 +92,45 @@ def test_scores_equal_the_harness_hf_model_on_the_exported_copy(hf_pair, tasks_d
     assert ours["results"]["gl_ppl"]["word_perplexity,none"] > 1
 
 
-def test_lm_eval_command_line_with_the_gptlab_model(hf_pair, tasks_dir, tmp_path):
-    _, ckpt = hf_pair
-    out = tmp_path / "results"
-    cmd = [sys.executable, "-m", "gptlab.harness", "--model", "gptlab", "--model_args", f"checkpoint={ckpt}",
-           "--tasks", "gl_choice", "--include_path", str(tasks_dir), "--output_path", str(out), "--device", "cpu"]
-    env = {**__import__("os").environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+def run_cli(argv: list[str], out) -> None:
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "gl_choice" in done.stdout and "acc" in done.stdout
     results = [json.loads(p.read_text()) for p in out.rglob("results*.json")]
     assert results and "acc,none" in results[0]["results"]["gl_choice"]
+
+
+def test_the_bare_lm_eval_command_finds_the_gptlab_model(hf_pair, tasks_dir, tmp_path):
+    """`lm_eval --model gptlab ...` as a user types it: the installed start-up hook registers the model."""
+    if not (Path(sysconfig.get_paths()["purelib"]) / "gptlab-harness.pth").is_file():
+        pytest.skip("gptlab-harness.pth is not installed here (a wheel install or `make install` puts it there)")
+    _, ckpt = hf_pair
+    lm_eval_cmd = str(Path(sys.executable).parent / "lm_eval")
+    run_cli([lm_eval_cmd, "--model", "gptlab", "--model_args", f"checkpoint={ckpt}", "--tasks", "gl_choice",
+             "--include_path", str(tasks_dir), "--output_path", str(tmp_path / "a"), "--device", "cpu"], tmp_path / "a")
+
+
+def test_python_m_gptlab_harness_is_the_same_command(hf_pair, tasks_dir, tmp_path):
+    _, ckpt = hf_pair
+    run_cli([sys.executable, "-m", "gptlab.harness", "--model", "gptlab", "--model_args", f"checkpoint={ckpt}",
+             "--tasks", "gl_choice", "--include_path", str(tasks_dir), "--output_path", str(tmp_path / "b")],
+            tmp_path / "b")
+
+
+def test_the_hook_stays_out_of_the_way(tmp_path):
+    """The start-up hook imports nothing until lm_eval.models is imported, and then only registers a lazy entry."""
+    code = ("import sys, site; site.addsitedir(sys.argv[1]); "
+            "assert 'torch' not in sys.modules and 'gptlab' not in sys.modules; "
+            "import lm_eval.models; from lm_eval.api.registry import model_registry; "
+            "assert 'gptlab' not in sys.modules; "
+            "assert model_registry.get('gptlab').__module__ == 'gptlab.harness' and model_registry.get('hf')")
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    root = Path(__file__).resolve().parents[1]
+    for name in ("gptlab-harness.pth", "gptlab_harness_hook.py"):
+        shutil.copy(root / name, site_dir / name)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-S", "-c", "import site; site.main(); " + code, str(site_dir)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
