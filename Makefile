@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 lint: install
-	$(PY) -m ruff check gptlab tests benchmarks examples
+	$(PY) -m ruff check gptlab tests benchmarks examples gptlab_harness_hook.py setup.py
 
 # The playground's browser test drives Debian's headless Chromium; installed here when missing and possible.
 browser:

@@ -36,11 +36,15 @@ class _Loader:
 class _Finder:
     """A meta-path finder that answers only for `lm_eval.models`, once, and otherwise steps aside."""
 
+    done = False
+
     def find_spec(self, name, path, target=None):
-        if name != MODULE:
+        if name != MODULE or self.done:
             return None
-        sys.meta_path[:] = [f for f in sys.meta_path if f is not self]
+        self.done = True  # (the import system is iterating sys.meta_path: it is left as it is)
         for finder in sys.meta_path:
+            if finder is self:
+                continue
             spec = getattr(finder, "find_spec", lambda *a: None)(name, path, target)
             if spec is not None and spec.loader is not None:
                 spec.loader = _Loader(spec.loader)
