@@ -95,11 +95,7 @@ class QuantLinear(nn.Module):
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
-        if torch.is_grad_enabled() and x.requires_grad:
-            return _DequantLinear.apply(x, self)
-        dtype = compute_dtype(x)
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return nn.functional.linear(x.to(dtype), self.dequantize(dtype), bias)
+        return _DequantLinear.apply(x, self)  # without gradients, just its forward
 
     def _apply(self, fn: Callable, recurse: bool = True) -> QuantLinear:
         """`.to(dtype)` converts the bias and the compute dtype but never the float32 scales (only their device)."""
