@@ -48,6 +48,8 @@ bench: install
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/serve.py
 	$(PY) benchmarks/qlora.py --checkpointing --loss-chunk 256
+	$(PY) benchmarks/loss.py
+	$(PY) benchmarks/loss.py --frozen
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache

@@ -1,7 +1,10 @@
 """Training step speed: gptlab's own step (`gptlab.train.loop.train_step`, fused AdamW) vs Hugging Face
 `GPT2LMHeadModel` with `torch.optim.AdamW`, same shapes, same data, interleaved in one process.
 
-    python benchmarks/train.py [--shapes quickstart,gpt2] [--steps 20] [--compile]
+    python benchmarks/train.py [--shapes quickstart,gpt2] [--steps 20] [--compile] [--loss-chunks 0,1024]
+
+On a GPU, `--compile-mode` and `--attention` (the scaled_dot_product_attention kernel gptlab's step may use) try the
+settings that trade compile time or kernels for speed; MFU is printed where the device's peak is known.
 
 quickstart: 4 layers, 4 heads, 128 wide, context 64, batch 12, a character vocabulary.
 gpt2: GPT-2 124M, context 256, batch 4.
@@ -11,11 +14,13 @@ Each shape runs in float32 and under bf16 autocast, both libraries alike; ratios
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gptlab.config import ModelConfig
 from gptlab.model import GPT, build_on_meta
@@ -30,6 +35,8 @@ SHAPES = {
     "gpt2": (ModelConfig(block_size=256), 4),
     "gpt2-1024": (ModelConfig(vocab_size=50304), 16),  # GPU: the context GPT-2 trained with
 }
+ATTENTION = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
 
 def sync(device: str) -> None:
@@ -37,21 +44,24 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def gptlab_step(cfg: ModelConfig, batch: int, data: torch.Tensor, dtype: str, compiled: bool
-                ) -> Callable[[int], None]:
+def gptlab_step(cfg: ModelConfig, batch: int, data: torch.Tensor, dtype: str, compile_mode: str | None,
+                loss_chunk: int = 0, attention: str = "auto") -> Callable[[int], None]:
     """gptlab's real training step: the loop's `train_step` with the loop's optimizer."""
-    tcfg = TrainConfig(batch_size=batch, dtype=dtype, lr=1e-4, warmup_steps=0)
+    tcfg = TrainConfig(batch_size=batch, dtype=dtype, lr=1e-4, warmup_steps=0, loss_chunk=loss_chunk)
     torch.manual_seed(0)
     d = Dist(device=data.device)
     model = GPT(cfg).to(d.device).train()
+    model.loss_chunk = loss_chunk
     opt = build_optimizer(list(model.named_parameters()), tcfg, d.device)
     params = list(model.parameters())
     scaler = torch.amp.GradScaler(d.device.type, enabled=False)
-    forward = torch.compile(model) if compiled else model
+    forward = torch.compile(model, mode=compile_mode) if compile_mode else model
+    kernel = contextlib.nullcontext() if attention == "auto" else sdpa_kernel(ATTENTION[attention])
 
     def step(i: int) -> None:
         rows = data[i % len(data)]  # (B, T+1)
-        train_step(forward, model, opt, scaler, params, tcfg, d, lambda _: (rows[:, :-1], rows[:, 1:]))
+        with kernel:
+            train_step(forward, model, opt, scaler, params, tcfg, d, lambda _: (rows[:, :-1], rows[:, 1:]))
     return step
 
 
@@ -88,13 +98,20 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=None, help="override the shape's batch size")
     parser.add_argument("--only-compiled", action="store_true", help="skip gptlab's eager variant")
+    parser.add_argument("--compile-mode", default="default", help="torch.compile's mode for the compiled variant "
+                        "(default, max-autotune-no-cudagraphs, max-autotune, reduce-overhead)")
+    parser.add_argument("--loss-chunks", default="0", help="gptlab variants with train.loss_chunk set to each value "
+                        "(0: the unfused output layer and loss)")
+    parser.add_argument("--attention", default="auto", choices=["auto", *ATTENTION],
+                        help="the attention kernel gptlab's step may use (auto: PyTorch's choice)")
+    parser.add_argument("--no-transformers", action="store_true", help="time gptlab's variants only")
     args = parser.parse_args()
 
     import transformers
 
     transformers.logging.set_verbosity_error()
     print(f"# torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")
-    print("| shape | variant | tokens/s | ratio to transformers |")
+    print(f"| shape | variant | tokens/s | ratio to {'the first row' if args.no_transformers else 'transformers'} |")
     print("|---|---|---:|---:|")
     for shape in args.shapes.split(","):
         cfg, batch = SHAPES[shape]
@@ -104,11 +121,18 @@ def main() -> None:
         data = torch.randint(0, V, (args.steps * 4, batch, T + 1), generator=g).to(args.device)
         variants = {}
         for dtype in args.dtypes.split(","):
-            variants[f"transformers {dtype}"] = hf_step(cfg, data, dtype)
-            if not args.only_compiled:
-                variants[f"gptlab {dtype}"] = gptlab_step(cfg, batch, data, dtype, False)
-            if args.compile:
-                variants[f"gptlab {dtype} compiled"] = gptlab_step(cfg, batch, data, dtype, True)
+            if not args.no_transformers:
+                variants[f"transformers {dtype}"] = hf_step(cfg, data, dtype)
+            for chunk in map(int, args.loss_chunks.split(",")):
+                suffix = (f" loss-chunk {chunk}" if chunk else "") + \
+                    (f" {args.attention} attention" if args.attention != "auto" else "")
+                if not args.only_compiled:
+                    variants[f"gptlab {dtype}{suffix}"] = gptlab_step(cfg, batch, data, dtype, None, chunk,
+                                                                      args.attention)
+                if args.compile:
+                    mode = "" if args.compile_mode == "default" else f" {args.compile_mode}"
+                    variants[f"gptlab {dtype} compiled{mode}{suffix}"] = gptlab_step(
+                        cfg, batch, data, dtype, args.compile_mode, chunk, args.attention)
         for fn in variants.values():  # warm-up (and compile)
             for i in range(args.warmup):
                 fn(i)
@@ -123,7 +147,7 @@ def main() -> None:
                 times[name].append((time.perf_counter() - t0) / args.steps)
                 print(f"# {shape} {name}: {times[name][-1]:.3f} s/step", flush=True)
         tps = {k: batch * T / statistics.median(v) for k, v in times.items()}
-        base = tps[f"transformers {args.dtypes.split(',')[0]}"]
+        base = next(iter(tps.values()))  # transformers in the first dtype, or gptlab's first variant
         peak = peak_flops(torch.device(args.device))
         flops = flops_per_token(cfg, build_on_meta(cfg).num_params())
         for name, value in tps.items():

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
+from gptlab.loss import linear_cross_entropy
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos and sin tables (B, 1, T, hs)
 
@@ -207,8 +208,9 @@ class GPT(nn.Module):
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.activation_checkpointing = False  # recompute each block in backward: less memory, ~1/3 more compute
-        # Training loss over chunks of this many tokens, each chunk's logits recomputed in backward: the (tokens x
-        # vocab) logits never exist whole (with GPT-2's 50K vocabulary they outweigh a small model's activations).
+        # Training loss over chunks of this many tokens, the output layer and the loss fused (gptlab/loss.py): the
+        # (tokens x vocab) logits never exist whole (with GPT-2's 50K vocabulary they outweigh a small model's
+        # activations), and fewer passes over memory make the step faster too.
         self.loss_chunk = 0
         # Virtual tokens, set by prompt and prefix tuning (gptlab/peft/virtual.py): `prompt(B)` gives embeddings
         # (B, n, C) placed before the text; `prefix(B)` gives each layer's keys and values (B, nh, n, hs) that every
@@ -307,25 +309,12 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:]
         if targets is not None and self.loss_chunk and self.training and not last_only:
-            return None, self.chunked_loss(self.transformer.ln_f(x), targets)
+            return None, linear_cross_entropy(self.transformer.ln_f(x), self.lm_head.weight, targets, self.loss_chunk)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
-
-    def chunked_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The mean cross-entropy of `h` (B, T, C) against `targets` (B, T), `loss_chunk` tokens at a time."""
-        h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)  # (N, C), (N,)
-        total = h.new_zeros((), dtype=torch.float32)
-        for start in range(0, h.size(0), self.loss_chunk):
-            part = slice(start, start + self.loss_chunk)
-            total = total + checkpoint(self._loss_sum, h[part], targets[part], use_reentrant=False)
-        return total / (targets != -100).sum().clamp(min=1)
-
-    def _loss_sum(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(h)  # (n, vocab)
-        return F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
 
 
 def sdpa_backends() -> list[SDPBackend]:

@@ -43,7 +43,7 @@ class TrainConfig:
     dtype: str = "float32"  # autocast dtype: float32 (off), bfloat16 or float16
     compile: bool = False
     activation_checkpointing: bool = False
-    loss_chunk: int = 0  # tokens per chunk of the output layer and loss (0: all at once); saves the logits' memory
+    loss_chunk: int = 0  # tokens per chunk of the fused output layer and loss (0: unfused); the logits never whole
     distributed: str = "ddp"  # under torchrun: ddp, or fsdp (FSDP2 fully_shard) for models that do not fit one GPU
     device: str | None = None  # default: cuda if present, else cpu
     tensorboard: bool = False

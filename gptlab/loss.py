@@ -1,0 +1,74 @@
+"""The output layer and the cross-entropy loss fused, a chunk of tokens at a time.
+
+With GPT-2's 50K vocabulary the (tokens x vocab) logits are the largest tensor of a training step: 3.3 GB in bf16 for
+32 x 1024 tokens, written by the output layer, read back as float32 by the softmax, its gradient written and read again
+by the two backward products. Here each chunk's logits live only while that chunk's loss and gradients are computed:
+the forward already computes the gradients of the input and the weight (the softmax minus the one-hot target, times
+the weight and the input), and the backward only scales them by the incoming gradient. No product is computed twice
+(unlike recomputing each chunk in backward), and the logits never exist whole. The approach of Liger Kernel's fused
+linear cross-entropy (Hsu et al. 2024), written in plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+VOCAB_SLICE = 8192  # rows of the weight's gradient per product
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `h @ weight.T` against `targets`, with targets equal to `ignore_index` not counted."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                dtype: torch.dtype, ignore_index: int) -> torch.Tensor:
+        # h (N, C) hidden states, weight (V, C) output layer, targets (N,); products in `dtype`, softmax in float32
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = weight.to(dtype)  # (V, C)
+        valid_all = targets != ignore_index  # (N,)
+        inv_count = 1.0 / valid_all.sum().clamp(min=1).float()  # the mean's denominator, a tensor: no device sync
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if need_h else None  # (N, C)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None  # (V, C)
+        with torch.autocast(h.device.type, enabled=False):
+            for start in range(0, h.size(0), chunk):
+                part = slice(start, start + chunk)
+                hc, valid = h[part].to(dtype), valid_all[part]  # (n, C), (n,)
+                tc = targets[part].masked_fill(~valid, 0)[:, None]  # (n, 1): ignored rows point anywhere
+                logp = torch.log_softmax(hc @ w.T, dim=-1, dtype=torch.float32)  # (n, V), one pass over the logits
+                total -= (logp.gather(1, tc)[:, 0] * valid).sum()
+                if not (need_h or need_w):
+                    continue
+                # d(mean loss)/d(logits) = (softmax - one_hot(target)) / count, zero on ignored rows
+                g = logp.exp_()  # (n, V): the softmax, in place
+                g.scatter_add_(1, tc, -valid[:, None].float())
+                g = g.mul_((valid.float() * inv_count)[:, None]).to(dtype)  # (n, V)
+                if need_h:
+                    grad_h[part] = g @ w  # (n, C)
+                if need_w:  # (V, C), a slice of the vocabulary at a time: each bf16 product is small
+                    for v in range(0, grad_w.size(0), VOCAB_SLICE):
+                        grad_w[v:v + VOCAB_SLICE].add_(g[:, v:v + VOCAB_SLICE].T @ hc)
+        # kept on ctx, not save_for_backward: backward hands them over and drops them, so that the weight's gradient
+        # becomes `weight.grad` as it is (a tensor still saved in the graph would be copied there)
+        ctx.grads, ctx.weight_dtype = [grad_h, grad_w], weight.dtype
+        return total * inv_count
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        if ctx.grads is None:
+            raise RuntimeError("the fused output layer and loss (train.loss_chunk) cannot run backward twice")
+        (grad_h, grad_w), ctx.grads = ctx.grads, None
+        # scaled in place (the weight's gradient is as large as the weight: a scaled copy would double it)
+        dh = grad_h.mul_(grad_out.to(grad_h.dtype)) if grad_h is not None else None
+        dw = grad_w.mul_(grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return dh, dw, None, None, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                         ignore_index: int = -100) -> torch.Tensor:
+    """The mean cross-entropy of `h` (..., C) through the output layer `weight` (V, C) against `targets` (...),
+    `chunk` tokens at a time; under autocast the products run in its dtype, as `F.linear` would."""
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    return LinearCrossEntropy.apply(h.reshape(-1, h.size(-1)), weight, targets.reshape(-1), chunk, dtype,
+                                    ignore_index)
