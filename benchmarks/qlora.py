@@ -28,6 +28,7 @@ import torch
 
 from gptlab.checkpoint import load_checkpoint, save_checkpoint
 from gptlab.config import ModelConfig
+from gptlab.loss import default_chunk
 from gptlab.model import GPT
 from gptlab.peft.lora import LoRA, QLoRA
 from gptlab.tokenizer import Tokenizer
@@ -75,7 +76,7 @@ def worker(args: argparse.Namespace) -> None:
     store_frozen_linears(model, torch.bfloat16)
     model.to(device).train()
     model.activation_checkpointing = args.checkpointing
-    model.loss_chunk = args.loss_chunk
+    model.loss_chunk = args.loss_chunk if args.loss_chunk is not None else default_chunk(device)
     named = method.trainable(model)
     optimizer = build_optimizer(named, cfg, device, paged=method.paged_optimizer)
     params = [p for _, p in named]
@@ -111,7 +112,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing in both variants")
-    parser.add_argument("--loss-chunk", type=int, default=0, help="train.loss_chunk in both variants")
+    parser.add_argument("--loss-chunk", type=int, default=None,
+                        help="train.loss_chunk in both variants (default: the loop's default for the device)")
     parser.add_argument("--base", help="an existing float checkpoint (default: random weights of --preset)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -134,7 +136,8 @@ def main() -> None:
                        "--batch", str(args.batch), "--context", str(args.context), "--device", args.device]
                 if args.checkpointing:
                     cmd.append("--checkpointing")
-                cmd += ["--loss-chunk", str(args.loss_chunk)]
+                if args.loss_chunk is not None:
+                    cmd += ["--loss-chunk", str(args.loss_chunk)]
                 if args.threads:
                     cmd += ["--threads", str(args.threads)]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
@@ -142,7 +145,8 @@ def main() -> None:
     med = {v: {k: statistics.median(r[k] for r in rs) for k in ("step_s", "peak_mb", "load_mb")}
            for v, rs in results.items()}
     options = (["activation checkpointing"] if args.checkpointing else []) + \
-        ([f"loss in chunks of {args.loss_chunk} tokens"] if args.loss_chunk else [])
+        ([f"loss in chunks of {args.loss_chunk} tokens"] if args.loss_chunk else
+         ["unfused loss"] if args.loss_chunk == 0 else [])
     print(f"{model_cfg.get('name') or args.base} ({model_cfg['n_layer']} layers, {model_cfg['n_embd']} wide): batch "
           f"{args.batch} x context {args.context}, bf16 autocast, {', '.join(options + [''])}LoRA r=8 on "
           f"c_attn/c_proj/c_fc, {args.device}, {torch.get_num_threads()} threads; medians of {args.rounds} rounds x "

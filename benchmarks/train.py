@@ -1,7 +1,7 @@
 """Training step speed: gptlab's own step (`gptlab.train.loop.train_step`, fused AdamW) vs Hugging Face
 `GPT2LMHeadModel` with `torch.optim.AdamW`, same shapes, same data, interleaved in one process.
 
-    python benchmarks/train.py [--shapes quickstart,gpt2] [--steps 20] [--compile] [--loss-chunks 0,1024]
+    python benchmarks/train.py [--shapes quickstart,gpt2] [--steps 20] [--compile] [--loss-chunks default,0,1024]
 
 On a GPU, `--compile-mode` and `--attention` (the scaled_dot_product_attention kernel gptlab's step may use) try the
 settings that trade compile time or kernels for speed; MFU is printed where the device's peak is known.
@@ -23,6 +23,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gptlab.config import ModelConfig
+from gptlab.loss import default_chunk
 from gptlab.model import GPT, build_on_meta
 from gptlab.train.config import TrainConfig
 from gptlab.train.distributed import Dist
@@ -45,13 +46,13 @@ def sync(device: str) -> None:
 
 
 def gptlab_step(cfg: ModelConfig, batch: int, data: torch.Tensor, dtype: str, compile_mode: str | None,
-                loss_chunk: int = 0, attention: str = "auto") -> Callable[[int], None]:
-    """gptlab's real training step: the loop's `train_step` with the loop's optimizer."""
+                loss_chunk: int | None = None, attention: str = "auto") -> Callable[[int], None]:
+    """gptlab's real training step: the loop's `train_step` with the loop's optimizer (and its loss_chunk default)."""
     tcfg = TrainConfig(batch_size=batch, dtype=dtype, lr=1e-4, warmup_steps=0, loss_chunk=loss_chunk)
     torch.manual_seed(0)
     d = Dist(device=data.device)
     model = GPT(cfg).to(d.device).train()
-    model.loss_chunk = loss_chunk
+    model.loss_chunk = loss_chunk if loss_chunk is not None else default_chunk(d.device)
     opt = build_optimizer(list(model.named_parameters()), tcfg, d.device)
     params = list(model.parameters())
     scaler = torch.amp.GradScaler(d.device.type, enabled=False)
@@ -100,8 +101,8 @@ def main() -> None:
     parser.add_argument("--only-compiled", action="store_true", help="skip gptlab's eager variant")
     parser.add_argument("--compile-mode", default="default", help="torch.compile's mode for the compiled variant "
                         "(default, max-autotune-no-cudagraphs, max-autotune, reduce-overhead)")
-    parser.add_argument("--loss-chunks", default="0", help="gptlab variants with train.loss_chunk set to each value "
-                        "(0: the unfused output layer and loss)")
+    parser.add_argument("--loss-chunks", default="default", help="gptlab variants with train.loss_chunk set to each "
+                        "value (0: the unfused output layer and loss; default: the loop's default for the device)")
     parser.add_argument("--attention", default="auto", choices=["auto", *ATTENTION],
                         help="the attention kernel gptlab's step may use (auto: PyTorch's choice)")
     parser.add_argument("--no-transformers", action="store_true", help="time gptlab's variants only")
@@ -123,8 +124,8 @@ def main() -> None:
         for dtype in args.dtypes.split(","):
             if not args.no_transformers:
                 variants[f"transformers {dtype}"] = hf_step(cfg, data, dtype)
-            for chunk in map(int, args.loss_chunks.split(",")):
-                suffix = (f" loss-chunk {chunk}" if chunk else "") + \
+            for chunk in [None if c == "default" else int(c) for c in args.loss_chunks.split(",")]:
+                suffix = ("" if chunk is None else f" loss-chunk {chunk}" if chunk else " unfused loss") + \
                     (f" {args.attention} attention" if args.attention != "auto" else "")
                 if not args.only_compiled:
                     variants[f"gptlab {dtype}{suffix}"] = gptlab_step(cfg, batch, data, dtype, None, chunk,

@@ -14,6 +14,14 @@ from __future__ import annotations
 import torch
 
 VOCAB_SLICE = 8192  # rows of the weight's gradient per product
+# train.loss_chunk's default on the CPU, where it is the faster way (BENCHMARKS.md: a GPT-2 124M bf16 step 1.12x,
+# the quickstart 1.06x); elsewhere the default stays the unfused loss, the one measured on a GPU so far
+CPU_CHUNK = 512
+
+
+def default_chunk(device: torch.device) -> int:
+    """train.loss_chunk when it is not set: tokens per chunk on `device`, 0 for the unfused loss."""
+    return CPU_CHUNK if device.type == "cpu" else 0
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -35,19 +43,26 @@ class LinearCrossEntropy(torch.autograd.Function):
                 part = slice(start, start + chunk)
                 hc, valid = h[part].to(dtype), valid_all[part]  # (n, C), (n,)
                 tc = targets[part].masked_fill(~valid, 0)[:, None]  # (n, 1): ignored rows point anywhere
-                logp = torch.log_softmax(hc @ w.T, dim=-1, dtype=torch.float32)  # (n, V), one pass over the logits
-                total -= (logp.gather(1, tc)[:, 0] * valid).sum()
+                logits = hc @ w.T  # (n, V)
+                x_max, i_max = logits.max(dim=-1, keepdim=True)  # (n, 1)
+                x_t = logits.gather(1, tc).float()  # (n, 1): the targets' logits
+                p = torch.softmax(logits, dim=-1, dtype=torch.float32)  # (n, V): one pass, float32 inside
+                del logits
+                lse = x_max.float() - p.gather(1, i_max).log()  # (n, 1): p at the max is >= 1/V, never 0
+                total += ((lse - x_t)[:, 0] * valid).sum()
                 if not (need_h or need_w):
                     continue
-                # d(mean loss)/d(logits) = (softmax - one_hot(target)) / count, zero on ignored rows
-                g = logp.exp_()  # (n, V): the softmax, in place
-                g.scatter_add_(1, tc, -valid[:, None].float())
-                g = g.mul_((valid.float() * inv_count)[:, None]).to(dtype)  # (n, V)
+                # d(mean loss)/d(logits) = (softmax - one_hot(target)) * scale, scale = 1/count on counted rows and
+                # 0 on ignored ones; the scale goes on the (n, C) side of each product, not on the (n, V) softmax
+                g = p.scatter_add_(1, tc, torch.full_like(x_t, -1.0)).to(dtype)  # (n, V)
+                del p
+                scale = (valid.float() * inv_count)[:, None]  # (n, 1)
                 if need_h:
-                    grad_h[part] = g @ w  # (n, C)
+                    grad_h[part] = (g @ w).float() * scale  # (n, C)
                 if need_w:  # (V, C), a slice of the vocabulary at a time: each bf16 product is small
+                    hs = (hc.float() * scale).to(dtype)  # (n, C)
                     for v in range(0, grad_w.size(0), VOCAB_SLICE):
-                        grad_w[v:v + VOCAB_SLICE].add_(g[:, v:v + VOCAB_SLICE].T @ hc)
+                        grad_w[v:v + VOCAB_SLICE].add_(g[:, v:v + VOCAB_SLICE].T @ hs)
         # kept on ctx, not save_for_backward: backward hands them over and drops them, so that the weight's gradient
         # becomes `weight.grad` as it is (a tensor still saved in the graph would be copied there)
         ctx.grads, ctx.weight_dtype = [grad_h, grad_w], weight.dtype

@@ -43,7 +43,8 @@ class TrainConfig:
     dtype: str = "float32"  # autocast dtype: float32 (off), bfloat16 or float16
     compile: bool = False
     activation_checkpointing: bool = False
-    loss_chunk: int = 0  # tokens per chunk of the fused output layer and loss (0: unfused); the logits never whole
+    loss_chunk: int | None = None  # tokens per chunk of the fused output layer and loss; 0: unfused; None: 512 on
+    # the CPU (faster there), unfused on a GPU
     distributed: str = "ddp"  # under torchrun: ddp, or fsdp (FSDP2 fully_shard) for models that do not fit one GPU
     device: str | None = None  # default: cuda if present, else cpu
     tensorboard: bool = False
@@ -53,6 +54,8 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "eval_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise GptlabError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.loss_chunk is not None and self.loss_chunk < 0:
+            raise GptlabError(f"train.loss_chunk must be >= 0 (0: the unfused loss), got {self.loss_chunk}")
         for name in ("warmup_steps", "eval_every", "save_every"):
             if getattr(self, name) < 0:
                 raise GptlabError(f"train.{name} must be >= 0, got {getattr(self, name)}")

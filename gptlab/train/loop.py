@@ -23,6 +23,7 @@ from tqdm import tqdm
 from gptlab.checkpoint import CONFIG, TOKENIZER, load_checkpoint
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
+from gptlab.loss import default_chunk
 from gptlab.model import GPT
 from gptlab.peft.base import Method
 from gptlab.tokenizer import Tokenizer
@@ -131,7 +132,7 @@ def train(run: Run) -> dict[str, Any]:
     if cfg.dtype != "float32" and not (d.active and cfg.distributed == "fsdp"):  # FSDP2 shards one dtype per group
         store_frozen_linears(model, getattr(torch, cfg.dtype))
     model.activation_checkpointing = cfg.activation_checkpointing
-    model.loss_chunk = cfg.loss_chunk
+    model.loss_chunk = cfg.loss_chunk if cfg.loss_chunk is not None else default_chunk(d.device)
     model.to(d.device).train()
     wrapped = distributed.wrap(model, d, cfg.distributed)
     named = run.method.trainable(model)  # after wrapping: FSDP replaces the parameters with sharded ones
