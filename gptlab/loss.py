@@ -11,12 +11,14 @@ linear cross-entropy (Hsu et al. 2024), written in plain PyTorch.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 VOCAB_SLICE = 8192  # rows of the weight's gradient per product
-# train.loss_chunk's default on the CPU, where it is the faster way (BENCHMARKS.md: a GPT-2 124M bf16 step 1.12x,
-# the quickstart 1.06x); elsewhere the default stays the unfused loss, the one measured on a GPU so far
-CPU_CHUNK = 512
+# train.loss_chunk's default on the CPU, where the fused loss is the faster one (GPT-2 124M, bf16, batch 4 x 256:
+# steps 1.13x eager, 1.09x compiled; BENCHMARKS.md); on a GPU the default stays the unfused loss until measured there
+CPU_CHUNK = 1024
 
 
 def default_chunk(device: torch.device) -> int:
@@ -38,6 +40,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None  # (N, C)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None  # (V, C)
+        amp = 256.0 if dtype == torch.float16 else 1.0
         with torch.autocast(h.device.type, enabled=False):
             for start in range(0, h.size(0), chunk):
                 part = slice(start, start + chunk)
@@ -52,17 +55,22 @@ class LinearCrossEntropy(torch.autograd.Function):
                 total += ((lse - x_t)[:, 0] * valid).sum()
                 if not (need_h or need_w):
                     continue
-                # d(mean loss)/d(logits) = (softmax - one_hot(target)) * scale, scale = 1/count on counted rows and
-                # 0 on ignored ones; the scale goes on the (n, C) side of each product, not on the (n, V) softmax
-                g = p.scatter_add_(1, tc, torch.full_like(x_t, -1.0)).to(dtype)  # (n, V)
+                # d(mean loss)/d(logits) = (softmax - one_hot(target)) / count on counted rows, 0 on ignored ones.
+                # The (n, V) part is taken as it is (times `amp`, a power of two that keeps fp16's small
+                # probabilities out of its subnormals); the mask and powers of two go on the (n, C) side of each
+                # product, and 1/count onto the float32 results: no (n, V) pass of its own, every scaling exact
+                g = p.scatter_add_(1, tc, torch.full_like(x_t, -1.0))  # (n, V)
+                g = (g.mul_(amp) if amp != 1 else g).to(dtype)
                 del p
-                scale = (valid.float() * inv_count)[:, None]  # (n, 1)
                 if need_h:
-                    grad_h[part] = (g @ w).float() * scale  # (n, C)
+                    grad_h[part] = (g @ w).float() * (valid[:, None] * (inv_count / amp))  # (n, C)
                 if need_w:  # (V, C), a slice of the vocabulary at a time: each bf16 product is small
-                    hs = (hc.float() * scale).to(dtype)  # (n, C)
+                    shrink = 2.0 ** -math.ceil(math.log2(hc.size(0)))  # sums of n rows stay in fp16's range
+                    hs = hc * (valid[:, None] * shrink).to(dtype)  # (n, C)
                     for v in range(0, grad_w.size(0), VOCAB_SLICE):
-                        grad_w[v:v + VOCAB_SLICE].add_(g[:, v:v + VOCAB_SLICE].T @ hs)
+                        grad_w[v:v + VOCAB_SLICE].add_(g[:, v:v + VOCAB_SLICE].T @ hs, alpha=1 / (shrink * amp))
+        if need_w:
+            grad_w.mul_(inv_count)
         # kept on ctx, not save_for_backward: backward hands them over and drops them, so that the weight's gradient
         # becomes `weight.grad` as it is (a tensor still saved in the graph would be copied there)
         ctx.grads, ctx.weight_dtype = [grad_h, grad_w], weight.dtype

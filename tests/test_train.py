@@ -241,12 +241,12 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(dtype):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("frozen_head", [False, True])
 def test_chunked_loss_equals_the_whole_loss_and_its_gradients(dtype, frozen_head):
     """train.loss_chunk (the output layer and loss fused, gptlab/loss.py) changes memory, not the loss or the
-    gradients: in float32 up to summation order; under bf16 autocast its gradients are as close to float32's as the
-    unfused loss's are (the two round bf16 products at different places)."""
+    gradients: in float32 up to summation order; under bf16 or fp16 autocast its gradients are as close to float32's
+    as the unfused loss's are (the two round 16-bit products at different places)."""
     import copy
 
     from gptlab.config import ModelConfig
@@ -262,14 +262,15 @@ def test_chunked_loss_equals_the_whole_loss_and_its_gradients(dtype, frozen_head
     targets = idx.clone()
     targets[0, :7] = -100  # masked prompt tokens do not count
     targets[1, 16:40] = -100  # a whole chunk of them too
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+    with torch.autocast("cpu", dtype=getattr(torch, dtype), enabled=dtype != "float32"):
         logits, loss_whole = whole(idx, targets)
         none, loss_chunked = chunked(idx, targets)
     assert none is None and logits.shape == (2, 40, whole.config.vocab_size)
     torch.testing.assert_close(loss_chunked, loss_whole, rtol=1e-6, atol=1e-6)
-    (loss_whole * 0.5).backward()  # a scaled loss, as gradient accumulation and fp16's GradScaler make it
-    (loss_chunked * 0.5).backward()
-    (reference(idx, targets)[1] * 0.5).backward()  # float32, unfused
+    scale = 1024.0 if dtype == "float16" else 0.5  # a scaled loss, as fp16's GradScaler and gradient accumulation
+    (loss_whole * scale).backward()
+    (loss_chunked * scale).backward()
+    (reference(idx, targets)[1] * scale).backward()  # float32, unfused
 
     def error(model: torch.nn.Module) -> float:
         return max(((p.grad - r.grad).norm() / r.grad.norm()).item()
@@ -279,7 +280,7 @@ def test_chunked_loss_equals_the_whole_loss_and_its_gradients(dtype, frozen_head
         assert (a.grad is None) == (b.grad is None) == (frozen_head and name == "transformer.wte.weight")
         if a.grad is not None and dtype == "float32":
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7)
-    if dtype == "bfloat16":
+    if dtype != "float32":
         assert 0 < error(chunked) < 1.5 * error(whole) < 0.05
 
 

@@ -43,8 +43,8 @@ class TrainConfig:
     dtype: str = "float32"  # autocast dtype: float32 (off), bfloat16 or float16
     compile: bool = False
     activation_checkpointing: bool = False
-    loss_chunk: int | None = None  # tokens per chunk of the fused output layer and loss; 0: unfused; None: 512 on
-    # the CPU (faster there), unfused on a GPU
+    loss_chunk: int | None = None  # tokens per chunk of the fused output layer and loss; 0: unfused; None: 1024
+    # on the CPU (faster there), unfused on a GPU
     distributed: str = "ddp"  # under torchrun: ddp, or fsdp (FSDP2 fully_shard) for models that do not fit one GPU
     device: str | None = None  # default: cuda if present, else cpu
     tensorboard: bool = False
