@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from gptlab.allocator import tune_for_tensors
 from gptlab.config import ModelConfig
 from gptlab.loss import default_chunk
 from gptlab.model import GPT, build_on_meta
@@ -106,12 +107,16 @@ def main() -> None:
     parser.add_argument("--attention", default="auto", choices=["auto", *ATTENTION],
                         help="the attention kernel gptlab's step may use (auto: PyTorch's choice)")
     parser.add_argument("--no-transformers", action="store_true", help="time gptlab's variants only")
+    parser.add_argument("--system-malloc", action="store_true", help="leave glibc's allocator as it is (gptlab's "
+                        "loop sets it up for tensors on the CPU, gptlab/allocator.py; here it serves both libraries)")
     args = parser.parse_args()
+    tuned = args.device == "cpu" and not args.system_malloc and tune_for_tensors()
 
     import transformers
 
     transformers.logging.set_verbosity_error()
-    print(f"# torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")
+    print(f"# torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
+          f"{'allocator set up for tensors' if tuned else 'allocator as it is'}")
     print(f"| shape | variant | tokens/s | ratio to {'the first row' if args.no_transformers else 'transformers'} |")
     print("|---|---|---:|---:|")
     for shape in args.shapes.split(","):

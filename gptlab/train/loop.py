@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
+from gptlab.allocator import tune_for_tensors
 from gptlab.checkpoint import CONFIG, TOKENIZER, load_checkpoint
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
@@ -106,6 +107,8 @@ def train(run: Run) -> dict[str, Any]:
     """Train until `train.max_steps`; returns the last logged record. Raises GptlabError on a user error or NaN."""
     cfg = run.train
     d = distributed.setup(cfg.device)
+    if d.device.type == "cpu":
+        tune_for_tensors()  # large tensors reuse freed heap memory instead of page-faulting fresh pages each step
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.batch_size % d.world:
