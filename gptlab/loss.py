@@ -17,7 +17,8 @@ import torch
 
 VOCAB_SLICE = 8192  # rows of the weight's gradient per product
 # train.loss_chunk's default on the CPU, where the fused loss is the faster one (GPT-2 124M, bf16, batch 4 x 256:
-# steps 1.13x eager, 1.09x compiled; BENCHMARKS.md); on a GPU the default stays the unfused loss until measured there
+# steps 1.13x eager, 1.09x compiled; 1.08x eager with gptlab/allocator.py; BENCHMARKS.md); on a GPU the default
+# stays the unfused loss until measured there
 CPU_CHUNK = 1024
 
 

@@ -333,7 +333,7 @@ from gptlab.allocator import tune_for_tensors
 
 def faults():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
+    for _ in range(8):
         t = torch.ones(16 * 2**20)  # 64 MB, written: every page touched
         del t
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
@@ -348,12 +348,13 @@ print(untuned, tuned, faults())
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 @pytest.mark.parametrize("env", [{}, {"GPTLAB_MALLOC": "system"}, {"MALLOC_ARENA_MAX": "2"}])
 def test_the_allocator_reuses_freed_tensor_memory_unless_told_otherwise(env):
-    """A 64 MB tensor allocated and freed five times costs ~16K page faults each time with glibc's defaults and none
-    once the loop has set the allocator up; a user's own allocator settings are left alone."""
+    """A 64 MB tensor allocated and freed eight times costs ~16K page faults each time with glibc's defaults; once the
+    loop has set the allocator up, the freed block is reused (the heap may still grow once or twice where small
+    allocations land at its top); a user's own allocator settings are left alone."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GPTLAB_MALLOC"))}
     out = subprocess.run([sys.executable, "-c", ALLOCATION_PROBE], capture_output=True, text=True, check=True,
                          env={**clean, **env}).stdout.split()
     untuned, tuned, after = int(out[0]), out[1] == "True", int(out[2])
-    assert untuned > 5 * 10_000  # the premise: fresh pages for every large block
+    assert untuned > 8 * 15_000  # the premise: fresh pages for every large block
     assert tuned == (not env)
-    assert (after < 1000) if tuned else (after > 5 * 10_000)
+    assert (after < untuned / 3) if tuned else (after > untuned / 2)
