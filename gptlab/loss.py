@@ -59,7 +59,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                 # d(mean loss)/d(logits) = (softmax - one_hot(target)) / count on counted rows, 0 on ignored ones.
                 # The (n, V) part is taken as it is (times `amp`, a power of two that keeps fp16's small
                 # probabilities out of its subnormals); the mask and powers of two go on the (n, C) side of each
-                # product, and 1/count onto the float32 results: no (n, V) pass of its own, every scaling exact
+                # product, and 1/count onto the float32 results (the weight's in backward): no (n, V) pass of its
+                # own, every scaling exact
                 g = p.scatter_add_(1, tc, torch.full_like(x_t, -1.0))  # (n, V)
                 g = (g.mul_(amp) if amp != 1 else g).to(dtype)
                 del p
@@ -70,11 +71,9 @@ class LinearCrossEntropy(torch.autograd.Function):
                     hs = hc * (valid[:, None] * shrink).to(dtype)  # (n, C)
                     for v in range(0, grad_w.size(0), VOCAB_SLICE):
                         grad_w[v:v + VOCAB_SLICE].add_(g[:, v:v + VOCAB_SLICE].T @ hs, alpha=1 / (shrink * amp))
-        if need_w:
-            grad_w.mul_(inv_count)
         # kept on ctx, not save_for_backward: backward hands them over and drops them, so that the weight's gradient
         # becomes `weight.grad` as it is (a tensor still saved in the graph would be copied there)
-        ctx.grads, ctx.weight_dtype = [grad_h, grad_w], weight.dtype
+        ctx.grads, ctx.weight_dtype, ctx.inv_count = [grad_h, grad_w], weight.dtype, inv_count
         return total * inv_count
 
     @staticmethod
@@ -84,7 +83,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         (grad_h, grad_w), ctx.grads = ctx.grads, None
         # scaled in place (the weight's gradient is as large as the weight: a scaled copy would double it)
         dh = grad_h.mul_(grad_out.to(grad_h.dtype)) if grad_h is not None else None
-        dw = grad_w.mul_(grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        # the weight's gradient gets its 1/count here, with the incoming gradient: one pass over it, not two
+        dw = grad_w.mul_(grad_out * ctx.inv_count).to(ctx.weight_dtype) if grad_w is not None else None
         return dh, dw, None, None, None, None
 
 
