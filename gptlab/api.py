@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -68,6 +69,21 @@ class LLM:
         """Text pieces of the continuation as they are generated."""
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
         return self.engine.stream(prompt, max_new_tokens, params, stop)
+
+    def chat(self, messages: Sequence[Mapping[str, Any]] | str, max_new_tokens: int = 256, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             repetition_penalty: float = 1.0, stop: Sequence[str] = (), stream: bool = False) -> str | Iterator[str]:
+        """The assistant's reply to a conversation (`[{"role": "user", "content": "..."}]`, or one user message as
+        a string), rendered with the model's chat template and ended at its end-of-turn token; with `stream`, the
+        reply's pieces as they come."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True)
+        params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
+        stops, ends = [*stop, *self.tokenizer.chat_stop_strings], self.tokenizer.chat_stop_ids
+        if stream:
+            return self.engine.stream(ids, max_new_tokens, params, stops, ends)
+        return self.engine.complete([ids], max_new_tokens, params, stops, ends)[0].text
 
 
 def load(path: str | os.PathLike[str], device: str | None = None, dtype: str | torch.dtype | None = None) -> LLM:

@@ -1,4 +1,4 @@
-"""The checkpoint folder: `model.safetensors`, `config.json`, `tokenizer.json`, and nothing executable.
+"""The checkpoint folder: `model.safetensors`, `config.json`, the tokenizer's files, and nothing executable.
 
 Loading validates before it builds: a missing file, a config that is not ours, or weights whose shapes disagree with
 the config each give one clear `GptlabError`, never a traceback from deep inside `load_state_dict`.
@@ -39,17 +39,21 @@ def model_state(model: GPT, state: dict[str, torch.Tensor] | None = None) -> dic
 
 
 def save_checkpoint(out: str | os.PathLike[str], model: GPT, tokenizer: Tokenizer,
-                    state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write the three files of a checkpoint folder, each atomically; `state` replaces the model's own weights
-    (a full state gathered from sharded training)."""
+                    state: dict[str, torch.Tensor] | None = None, source: str | None = None) -> Path:
+    """Write the files of a checkpoint folder, each atomically: weights, config, and the tokenizer with its special
+    tokens, stop ids and chat template (`Tokenizer.save_folder`); `state` replaces the model's own weights (a full
+    state gathered from sharded training); `source` records where an imported model came from (a hub id or a
+    folder), which adapters exported from it name as their base."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = model_state(model, state)
     atomic_write(out / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    atomic_write(out / TOKENIZER, tokenizer.save)
+    tokenizer.save_folder(out)
     config = {"gptlab_version": __version__, "model": model.config.to_dict()}
     if model.quantization is not None:
         config["quantization"] = model.quantization.to_dict()
+    if source:
+        config["source"] = source
     atomic_write_text(out / CONFIG, json.dumps(config, indent=2) + "\n")
     return out
 
@@ -154,7 +158,7 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     path = check_folder(path)
     config = ModelConfig.from_json(str(path / CONFIG))
     quantization = read_quantization(path)
-    tokenizer = Tokenizer.from_file(path / TOKENIZER)
+    tokenizer = Tokenizer.from_folder(path)
     if tokenizer.vocab_size > config.vocab_size:
         raise GptlabError(f"{path / TOKENIZER} has {tokenizer.vocab_size} tokens but the model's vocabulary is "
                           f"{config.vocab_size}")

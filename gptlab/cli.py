@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,11 +16,9 @@ from typing import Any
 
 import yaml
 
-from gptlab.config import ModelConfig
 from gptlab.data.sources import DEFAULT_EXTENSIONS
 from gptlab.errors import GptlabError
 from gptlab.quant.formats import SCHEMES
-from gptlab.tokenizer import Tokenizer
 from gptlab.train.config import add_section_flags
 
 
@@ -79,6 +76,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     llm = load(args.checkpoint, device=args.device, dtype=args.dtype)
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty, stop=args.stop or ())
+    if args.chat or args.system:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        messages.append({"role": "user", "content": args.prompt})
+        if args.stream and not args.json:
+            for piece in llm.chat(messages, stream=True, **kwargs):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            return 0
+        reply = llm.chat(messages, **kwargs)
+        print(json.dumps({"text": reply}, ensure_ascii=False) if args.json else reply)
+        return 0
     if args.stream and not args.json:
         sys.stdout.write(args.prompt)
         for piece in llm.stream(args.prompt, **kwargs):
@@ -149,57 +158,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
+    from gptlab.finetune import finetune
+    from gptlab.train.config import merge_sections
 
-    from gptlab.checkpoint import check_folder
-    from gptlab.data.builtin_tasks import BUILTIN, builtin_examples
-    from gptlab.data.tasks import ExampleBatches, load_examples
-    from gptlab.peft import METHODS
-    from gptlab.train.config import SECTIONS, TrainConfig, merge_sections
-    from gptlab.train.loop import Run, train
-
-    if args.method not in METHODS:
-        raise GptlabError(f"unknown method {args.method!r}; methods: {', '.join(METHODS)}")
     if not args.data or not args.out:
         raise GptlabError("finetune needs --data FILE and --out DIR (on the command line or in --config)")
-    base = check_folder(args.checkpoint)
     sections = merge_sections(args.config_sections, section_flags(args), args.config or "config")
-    tokenizer = Tokenizer.from_file(base / "tokenizer.json")
-    section = args.method.replace("-", "_")
-    settings = SECTIONS[section](**sections[section]) if section in SECTIONS else None
-    method = METHODS[args.method](**(asdict(settings) if settings else {}))
-    if getattr(method, "init_text", None):
-        method.init_ids = tokenizer.encode(method.init_text)
-    # virtual tokens take context positions: the examples get what is left
-    block_size = ModelConfig.from_json(str(base / "config.json")).block_size - method.reserved_positions
-    task_token = args.task_token or BUILTIN.get(args.data)
-    if task_token and tokenizer.backend.token_to_id(task_token) is None:
-        tokenizer.add_special_tokens([task_token])  # one token, never split; the embedding grows to match
-    if args.data in BUILTIN:
-        train_examples = builtin_examples(args.data)
-    else:
-        train_examples = load_examples(args.data, args.task_token, args.skip_bad_lines)
-    random.Random(0).shuffle(train_examples)  # a fixed order, so that the val split and every rerun agree
-    if args.val_data:
-        val_examples = load_examples(args.val_data, args.task_token, args.skip_bad_lines)
-    else:
-        n_val = max(1, int(len(train_examples) * args.val_fraction)) if args.val_fraction > 0 and \
-            len(train_examples) > 1 else 0
-        train_examples, val_examples = train_examples[n_val:], train_examples[:n_val]
-    if any(e.chat for e in train_examples):  # the template the prompts were rendered with stays with the model
-        from gptlab.files import atomic_write_text
-        from gptlab.prompts import DEFAULT_CHAT_TEMPLATE
-
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(args.out) / "chat_template.jinja", DEFAULT_CHAT_TEMPLATE)
-    data = ExampleBatches({"train": train_examples, "val": val_examples}, tokenizer, block_size)
-    if data.truncated:
-        print(f"gptlab: {data.truncated} example(s) longer than the context ({block_size}) were truncated: the "
-              "prompt loses its start first, then the completion its end", file=sys.stderr)
-    run = Run(model=ModelConfig.from_json(str(base / "config.json")), train=TrainConfig(**sections["train"]),
-              data=data, tokenizer=tokenizer, out=Path(args.out), resume=args.resume, method=method,
-              progress=not args.quiet, base=base)
-    last = train(run)
+    last = finetune(args.checkpoint, args.data, args.out, method=args.method, val_data=args.val_data,
+                    val_fraction=args.val_fraction, task_token=args.task_token, skip_bad_lines=args.skip_bad_lines,
+                    resume=args.resume, progress=not args.quiet, sections=sections)
     if int(os.environ.get("RANK", "0")) == 0 and "note" in last:
         print(f"nothing to do: {last['note']}")
     elif int(os.environ.get("RANK", "0")) == 0:
@@ -224,18 +191,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from gptlab.api import load
-    from gptlab.data.builtin_tasks import BUILTIN, builtin_examples
     from gptlab.data.loader import TokenShards
-    from gptlab.data.tasks import load_examples
     from gptlab.evaluate import evaluate_task, perplexity
+    from gptlab.finetune import task_examples
     from gptlab.prompts import resolve_template
 
     llm = load(args.checkpoint, device=args.device)
     if Path(args.data).is_dir():
         result = perplexity(llm, TokenShards(args.data), split=args.split)
     else:
-        examples = builtin_examples(args.data) if args.data in BUILTIN else load_examples(args.data, args.task_token)
-        random.Random(0).shuffle(examples)
+        examples = task_examples(args.data, args.task_token)
         template = resolve_template(args.template) if args.template else None
         result = evaluate_task(llm, examples, template, shots=args.shots, lang=args.lang, limit=args.limit,
                                metrics=args.metrics.split(","))
@@ -280,11 +245,19 @@ def cmd_download(args: argparse.Namespace) -> int:
     if args.out:
         from gptlab.interop.hf import import_hf
 
-        print(f"imported -> {import_hf(path, args.out)}")
+        print(f"imported -> {import_hf(path, args.out, source=args.repo_id)}")
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    if args.format == "peft":
+        from gptlab.interop.peft import import_peft
+
+        if not args.base:
+            raise GptlabError("import peft needs --base CHECKPOINT: the gptlab model the adapter was trained on")
+        out = import_peft(args.src, args.base, args.out)
+        print(f"imported {args.src} onto {args.base} -> {out} (a LoRA run: generate, serve and export hf merge it)")
+        return 0
     from gptlab.interop.hf import import_hf
 
     out = import_hf(args.src, args.out)
@@ -298,6 +271,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         out = export_gguf(args.checkpoint, args.out, args.dtype)
         print(f"exported {args.checkpoint} -> {out} (GGUF, {args.dtype}; {out.stat().st_size / 2**20:.2f} MiB)")
+        return 0
+    if args.format == "peft":
+        from gptlab.interop.peft import export_peft
+
+        out = export_peft(args.checkpoint, args.out)
+        print(f"exported {args.checkpoint} -> {out} (a peft LoRA adapter for the Hugging Face export of its base)")
         return 0
     from gptlab.interop.hf import export_hf
 
@@ -315,6 +294,12 @@ def _verb(sub: argparse._SubParsersAction, name: str, func: Callable[[argparse.N
     return p
 
 
+def _methods() -> dict[str, type]:
+    from gptlab.peft import METHODS
+
+    return METHODS
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gptlab import __version__
 
@@ -327,7 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _verb(sub, "presets", cmd_presets, "list the named model shapes with their parameter counts")
     p.add_argument("names", nargs="*", help="presets to show (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--sizes", action="store_true", help="also show the weights' size at fp32, fp16/bf16, int8, int4")
+    p.add_argument("--sizes", action="store_true", help="also show the weights' size at fp32, fp16/bf16, int8, int4 "
+                                                        "(every parameter at that width), and of gptlab's own NF4 "
+                                                        "checkpoint (codes, scales, 16-bit embedding and head)")
 
     p = _verb(sub, "prepare", cmd_prepare, "tokenize text into train.bin / val.bin shards for pretraining")
     p.add_argument("sources", nargs="+", metavar="SOURCE",
@@ -349,9 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _verb(sub, "finetune", cmd_finetune, "fine-tune a checkpoint on task data (full, LoRA, adapters)")
     p.add_argument("checkpoint", help="base checkpoint folder")
-    p.add_argument("--method", default="lora", help="full, lora, qlora, prefix, prompt, adapter or llama-adapter")
-    p.add_argument("--data", help="JSONL / CSV (prompt, completion), Alpaca JSONL, a text file, or a built-in task: "
-                                  "stdlib-summaries, gettext-fr")
+    p.add_argument("--method", default="lora", help="one of: " + ", ".join(
+        f"{name} (default --train.lr {cls.lr:g})" for name, cls in _methods().items()))
+    p.add_argument("--data", help="JSONL / CSV (prompt, completion), Alpaca JSONL, chat JSONL (messages: rendered "
+                                  "with the base's chat template, assistant turns scored), a text file, or a "
+                                  "built-in task: stdlib-summaries, gettext-fr")
     p.add_argument("--val-data", help="validation file (default: --val-fraction of --data)")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--task-token", help='a token such as "<to-fr>" that splits a text line into prompt and completion')
@@ -387,7 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _verb(sub, "generate", cmd_generate, "generate text from a checkpoint")
     p.add_argument("checkpoint", help="checkpoint folder")
-    p.add_argument("--prompt", default="", help="text to continue (empty: start from <|endoftext|>)")
+    p.add_argument("--prompt", default="", help="text to continue (empty: start from the BOS or <|endoftext|>); with "
+                                                "--chat, the user's message")
+    p.add_argument("--chat", action="store_true", help="treat --prompt as a user message: rendered with the model's "
+                                                       "chat template, the reply ends at its end-of-turn token")
+    p.add_argument("--system", default=None, help="a system message before the user's (implies --chat)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
     p.add_argument("--top-k", type=int, default=None)
@@ -426,16 +419,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None)
     p.add_argument("--out", default=None, help="also import it into this new checkpoint folder")
 
-    p = _verb(sub, "import", cmd_import, "convert a Hugging Face model folder into a gptlab checkpoint")
-    p.add_argument("format", choices=["hf"], help="source format")
-    p.add_argument("src", help="Hugging Face model folder (config.json, weights, tokenizer)")
+    p = _verb(sub, "import", cmd_import, "convert a Hugging Face model folder into a gptlab checkpoint, or a peft "
+                                         "LoRA adapter into a gptlab LoRA run")
+    p.add_argument("format", choices=["hf", "peft"], help="source format")
+    p.add_argument("src", help="hf: a Hugging Face model folder (config.json, weights, tokenizer); peft: an adapter "
+                               "folder (adapter_config.json, adapter_model.safetensors)")
     p.add_argument("out", help="new checkpoint folder")
+    p.add_argument("--base", help="peft: the gptlab checkpoint of the model the adapter was trained on")
 
-    p = _verb(sub, "export", cmd_export, "write a checkpoint in another tool's format: hf (a transformers folder) "
-                                         "or gguf (one file for llama.cpp)")
-    p.add_argument("format", choices=["hf", "gguf"], help="target format")
-    p.add_argument("checkpoint", help="checkpoint folder")
-    p.add_argument("out", help="new output folder (hf) or file (gguf, e.g. model.gguf)")
+    p = _verb(sub, "export", cmd_export, "write a checkpoint in another tool's format: hf (a transformers folder), "
+                                         "peft (a LoRA run as a peft adapter) or gguf (one file for llama.cpp)")
+    p.add_argument("format", choices=["hf", "peft", "gguf"], help="target format")
+    p.add_argument("checkpoint", help="checkpoint folder (peft: a LoRA run)")
+    p.add_argument("out", help="new output folder (hf, peft) or file (gguf, e.g. model.gguf)")
     p.add_argument("--dtype", default="f16", choices=["f32", "f16", "q8_0"], help="gguf: weight type (vectors stay "
                                                                                    "f32)")
     return parser
@@ -448,10 +444,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         args, _ = parser.parse_known_args(argv)
         verb_parser = parser._subparsers._group_actions[0].choices[args.verb]  # type: ignore[union-attr]
         args = _apply_config(verb_parser, argv[argv.index(args.verb) + 1:])
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, so that a closed pipe is caught below and not at the interpreter's exit
+        return code
     except GptlabError as e:
         print(f"gptlab: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gptlab: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `gptlab presets --json | head`: the reader left; end quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's final flush must not fail
+        return 141

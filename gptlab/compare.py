@@ -22,10 +22,6 @@ from gptlab.errors import GptlabError
 from gptlab.files import atomic_write_text
 from gptlab.peft import METHODS
 
-# Learning rates that suit each method on small models; --lr overrides them all.
-DEFAULT_LR = {"full": 3e-4, "lora": 2e-3, "qlora": 2e-3, "prefix": 3e-3, "prompt": 1e-2, "adapter": 1e-3,
-              "llama-adapter": 5e-3}
-
 
 def count_parameters(checkpoint: Path, method: str) -> tuple[int, int]:
     model, _ = load_checkpoint(checkpoint)
@@ -62,7 +58,7 @@ def compare(checkpoint: str, data: str, methods: list[str], steps: int, out: str
         run = root / method
         cmd = [sys.executable, "-m", "gptlab", "finetune", str(ckpt), "--method", method, "--data", data,
                "--out", str(run), "--quiet", f"--train.max_steps={steps}", f"--train.batch_size={batch_size}",
-               f"--train.lr={lr or DEFAULT_LR.get(method, 1e-3)}", f"--train.eval_every={steps}",
+               *([f"--train.lr={lr}"] if lr else []), f"--train.eval_every={steps}",
                f"--train.save_every={steps}", f"--train.log_every={max(1, steps // 20)}",
                f"--train.warmup_steps={max(1, steps // 10)}", *(["--task-token", task_token] if task_token else []),
                *(extra or [])]

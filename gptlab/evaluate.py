@@ -13,6 +13,7 @@ from gptlab.api import LLM
 from gptlab.data.loader import TokenShards
 from gptlab.data.tasks import Example
 from gptlab.errors import GptlabError
+from gptlab.generate import SamplingParams
 from gptlab.prompts import build_prompt, source_of
 
 METRICS = ("exact", "bleu", "chrf", "rougeL")
@@ -69,13 +70,20 @@ def evaluate_task(llm: LLM, examples: Sequence[Example], template: str | None = 
         raise GptlabError(f"{len(examples)} examples cannot give {shots} shots and something to score")
     demos, tests = list(examples[:shots]), list(examples[shots: shots + limit])
     predictions, prompts = [], []
+    tok, ctx = llm.tokenizer, llm.engine.context
     for ex in tests:
-        prompt = build_prompt(template, source_of(ex), demos, lang) if template else ex.prompt
-        ids = llm.tokenizer.encode(prompt)
-        if len(ids) >= llm.engine.context:
-            prompt = llm.tokenizer.decode(ids[-(llm.engine.context - 1):])  # keep the end, next to the answer
-        prompts.append(prompt)
-        predictions.append(llm.generate(prompt, max_new_tokens=max_new_tokens, temperature=0, stop=["\n"]))
+        if ex.messages is not None:  # a conversation: the model's chat template, the reply ends at its end of turn
+            ids = tok.encode_chat(ex.messages[:-1], add_generation_prompt=True)[-(ctx - 1):]
+            stop, stop_ids = ["\n", *tok.chat_stop_strings], tok.chat_stop_ids
+        else:
+            prompt = build_prompt(template, source_of(ex), demos, lang) if template else ex.prompt
+            ids = llm.engine.encode(prompt)
+            if len(ids) >= ctx:
+                ids = tok.prefix_ids + ids[-(ctx - 1 - len(tok.prefix_ids)):]  # keep the end, next to the answer
+            stop, stop_ids = ["\n"], None
+        prompts.append(tok.decode(ids))
+        params = SamplingParams(temperature=0)
+        predictions.append(llm.engine.complete([ids], max_new_tokens, params, stop, stop_ids)[0].text)
     result: dict[str, Any] = score(predictions, [t.completion for t in tests], metrics)
     result["examples"] = len(tests)
     result["samples"] = [{"prompt": p, "prediction": y, "reference": t.completion}

@@ -1,10 +1,17 @@
-"""Atomic file writes: a killed process leaves the old file or the new one, never half of one."""
+"""Atomic file writes (a killed process leaves the old file or the new one, never half of one), and JSON files read
+with one clear error."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from gptlab.errors import GptlabError
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
@@ -27,3 +34,38 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
             f.write(text)
 
     atomic_write(path, write)
+
+
+def read_json_object(path: str | os.PathLike[str], missing_ok: bool = True) -> dict[str, Any]:
+    """A JSON file that holds an object; {} for a missing file when `missing_ok`."""
+    path = Path(path)
+    if missing_ok and not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise GptlabError(f"cannot read {path}: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GptlabError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise GptlabError(f"{path} must hold a JSON object")
+    return data
+
+
+def write_folder(out: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+    """Build a folder in a staging folder beside `out`, then rename it into place: `out` appears whole or not at
+    all. `out` must not exist, or be an empty folder."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise GptlabError(f"{out} already exists and is not empty; choose a new folder (nothing was written)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(staging)
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out

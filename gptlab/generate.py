@@ -7,7 +7,7 @@ multi-byte character, nothing that may turn out to be the start of a stop string
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -79,37 +79,66 @@ class Completion:
 
 
 class TextStream:
-    """One row's text as its tokens arrive: releases only text that can no longer change."""
+    """One row's text as its tokens arrive: releases only text that can no longer change.
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), eos_id: int | None = None) -> None:
+    Decoding is incremental, as vLLM's detokenizer does it: each new token is decoded together with the tokens just
+    before it (the end of the prompt, to begin with) and only the text it adds is kept. So a token costs the same at
+    the 10,000th position as at the first, and the space a SentencePiece tokenizer drops at the start of a decode is
+    kept (`" left"` after `"The train"`, not `"left"`). A row ends at any of `stop_ids` (not shown) or a stop string.
+    """
+
+    CONTEXT = 4  # prompt tokens the first new token is decoded after
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), stop_ids: int | Iterable[int] | None = None
+                 ) -> None:
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
-        self.eos_id = eos_id
+        self.stop_ids = frozenset([stop_ids] if isinstance(stop_ids, int) else stop_ids or ())
         self.token_ids: list[int] = []
         self.text = ""
         self.sent = 0  # characters of `text` already released
         self.done = False
         self.finish_reason = "length"
+        self._window: list[int] = []  # tokens decoded together: context, then the tokens not yet turned into text
+        self._read = 0  # how many of `_window` are context
+
+    def begin(self, prompt_ids: Sequence[int]) -> None:
+        """Decode the first tokens after the end of this prompt."""
+        self._window = list(prompt_ids[-self.CONTEXT:])
+        self._read = len(self._window)
 
     def push(self, token: int) -> str:
         """Add a token; return the text that became safe to show."""
         self.token_ids.append(token)
-        if token == self.eos_id:
+        if token in self.stop_ids:
             self.done, self.finish_reason = True, "stop"
             return self._release(len(self.text))
-        self.text = self.tokenizer.decode(t for t in self.token_ids if t != self.eos_id)
-        if self.text.endswith("\ufffd"):  # part of a multi-byte character: wait for the rest
+        self._window.append(token)
+        return self._advance(final=False)
+
+    def _advance(self, final: bool) -> str:
+        before = self.tokenizer.decode(self._window[: self._read])
+        after = self.tokenizer.decode(self._window)
+        if not final and (len(after) <= len(before) or after.endswith("\ufffd")):  # half a character: wait
             return ""
-        cuts = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
+        start = len(self.text)
+        self.text += after[len(before):]
+        self._window, self._read = self._window[self._read:], len(self._window) - self._read
+        longest = max((len(s) for s in self.stop), default=0)
+        cuts = [i for i in (self.text.find(s, max(0, start - longest + 1)) for s in self.stop) if i >= 0]
         if cuts:
             self.text = self.text[: min(cuts)]
             self.done, self.finish_reason = True, "stop"
+            return self._release(len(self.text))
+        if final:
             return self._release(len(self.text))
         hold = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
         return self._release(len(self.text) - hold)
 
     def finish(self) -> str:
         """Release what was held back once no more tokens come."""
+        if not self.done and len(self._window) > self._read:
+            return self._advance(final=True)
         return self._release(len(self.text))
 
     def _release(self, end: int) -> str:
@@ -150,9 +179,9 @@ class Engine:
 
     @torch.inference_mode()
     def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingParams,
-                     eos_id: int | None = None) -> Iterator[torch.Tensor]:
-        """Yield the next token of every row (B,) each step, until `max_new_tokens` or every row has produced
-        `eos_id` (finished rows go on producing tokens, which callers drop).
+                     stop_ids: int | Iterable[int] | None = None) -> Iterator[torch.Tensor]:
+        """Yield the next token of every row (B,) each step, until `max_new_tokens` or every row has produced one of
+        `stop_ids` (finished rows go on producing tokens, which callers drop).
 
         Prompts of different lengths are left-padded; each row's positions start at 0 on its first real token, as in
         Hugging Face's batched generation. A prompt must be shorter than the context. When prompt and new tokens
@@ -167,6 +196,8 @@ class Engine:
         if sampling.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
         rows = [list(p) for p in prompts]
+        stops = torch.tensor(sorted({stop_ids} if isinstance(stop_ids, int) else set(stop_ids or ())),
+                             dtype=torch.long, device=self.device)
         finished = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
         keep = max(1, self.context // 2)
         while max_new_tokens > 0:
@@ -175,8 +206,8 @@ class Engine:
                 max_new_tokens -= 1
                 for row, t in zip(rows, token.tolist()):
                     row.append(t)
-                if eos_id is not None:
-                    finished |= token == eos_id
+                if len(stops):
+                    finished |= torch.isin(token, stops)
                     if bool(finished.all()):
                         return
             rows = [row[-keep:] for row in rows]
@@ -228,20 +259,25 @@ class Engine:
         return step
 
     # -- text in, text out ---------------------------------------------------------------------------------------
-    def _encode(self, prompt: str) -> list[int]:
+    def encode(self, prompt: str) -> list[int]:
+        """A text prompt's ids as transformers encodes it (a BOS first where the tokenizer adds one). An empty prompt
+        starts from the BOS, or, for GPT-2-style tokenizers without one, from <|endoftext|>, as GPT-2 does."""
         assert self.tokenizer is not None, "text generation needs a tokenizer"
         ids = self.tokenizer.encode(prompt)
-        if not ids and self.tokenizer.eos_id is not None:
-            ids = [self.tokenizer.eos_id]  # GPT-2's convention: an empty prompt starts from <|endoftext|>
+        if not ids:
+            start = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else self.tokenizer.eos_id
+            ids = [] if start is None else [start]
         return ids
 
     def stream_rows(self, prompts: Sequence[str | Sequence[int]], rows: list[TextStream], max_new_tokens: int,
                     sampling: SamplingParams) -> Iterator[tuple[int, str]]:
-        """(row, text piece) as each row's text becomes final; `rows` (one `TextStream` each) keep the results.
-        A prompt is text, or token ids already encoded (and truncated) by the caller."""
-        ids = [self._encode(p) if isinstance(p, str) else list(p) for p in prompts]
-        eos = self.tokenizer.eos_id
-        for tokens in self.generate_ids(ids, max_new_tokens, sampling, eos):
+        """(row, text piece) as each row's text becomes final; `rows` (one `TextStream` each, which say where each
+        row stops) keep the results. A prompt is text, or token ids already encoded (and truncated) by the caller."""
+        ids = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        for row, p in zip(rows, ids):
+            row.begin(p)
+        stops = set().union(*(r.stop_ids for r in rows))
+        for tokens in self.generate_ids(ids, max_new_tokens, sampling, stops):
             for b, t in enumerate(tokens.tolist()):
                 if not rows[b].done and (piece := rows[b].push(t)):
                     yield b, piece
@@ -252,17 +288,19 @@ class Engine:
                 yield b, piece
 
     def complete(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int, sampling: SamplingParams,
-                 stop: Sequence[str] = ()) -> list[Completion]:
-        """Generate for a batch of prompts (text or token ids); one `Completion` each."""
-        rows = [TextStream(self.tokenizer, stop, self.tokenizer.eos_id) for _ in prompts]
+                 stop: Sequence[str] = (), stop_ids: Iterable[int] | None = None) -> list[Completion]:
+        """Generate for a batch of prompts (text or token ids); one `Completion` each. Rows stop at `stop_ids`
+        (default: the tokenizer's) or a stop string."""
+        ends = self.tokenizer.stop_ids if stop_ids is None else stop_ids
+        rows = [TextStream(self.tokenizer, stop, ends) for _ in prompts]
         for _ in self.stream_rows(prompts, rows, max_new_tokens, sampling):
             pass
         return [r.completion() for r in rows]
 
-    def stream(self, prompt: str, max_new_tokens: int, sampling: SamplingParams,
-               stop: Sequence[str] = ()) -> Iterator[str]:
+    def stream(self, prompt: str | Sequence[int], max_new_tokens: int, sampling: SamplingParams,
+               stop: Sequence[str] = (), stop_ids: Iterable[int] | None = None) -> Iterator[str]:
         """Text pieces of one prompt's continuation as they are generated."""
-        row = TextStream(self.tokenizer, stop, self.tokenizer.eos_id)
+        row = TextStream(self.tokenizer, stop, self.tokenizer.stop_ids if stop_ids is None else stop_ids)
         for _, piece in self.stream_rows([prompt], [row], max_new_tokens, sampling):
             yield piece
 

@@ -53,8 +53,18 @@ class GptlabLM(TemplateLM):
         eos = self.llm.tokenizer.eos_id
         return 0 if eos is None else eos
 
+    @property
+    def prefix_token_id(self) -> int:
+        """What an empty context starts from: the BOS where the model has one, else its EOS (the `hf` model's)."""
+        bos = self.llm.tokenizer.bos_id
+        return self.eot_token_id if bos is None else bos
+
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
-        return self.llm.tokenizer.encode(string)
+        """As the `hf` model encodes: the tokenizer's own BOS rule, unless told otherwise or the text already
+        starts with the BOS."""
+        if add_special_tokens is None:
+            add_special_tokens = not string.startswith(self.llm.tokenizer.decode([self.prefix_token_id]))
+        return self.llm.tokenizer.encode(string, special=add_special_tokens)
 
     def tok_decode(self, tokens: list[int], **kwargs: Any) -> str:
         return self.llm.tokenizer.decode(tokens)

@@ -18,9 +18,14 @@ from gptlab.model import GPT
 
 
 def packing_available(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-            and platform.machine().lower() in ("x86_64", "amd64"))
+    """oneDNN's prepacked products on an x86 CPU: float32 always, bfloat16 only where the CPU has bf16 instructions
+    (AVX-512 BF16 / AMX / AVX-NE-CONVERT); elsewhere oneDNN refuses the bf16 reorder."""
+    if weight.device.type != "cpu" or platform.machine().lower() not in ("x86_64", "amd64") or \
+            not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return False
+    if weight.dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return weight.dtype == torch.float32
 
 
 class PackedLinear(nn.Module):

@@ -1,4 +1,4 @@
-"""Hard prompts: templates, zero-shot and few-shot prompt builders, and the chat template.
+"""Hard prompts: templates, zero-shot and few-shot prompt builders (chat templates are in `gptlab/chat.py`).
 
 A template is a prompt with `{input}` where the example's input goes; the model's continuation is its answer.
 The three translation templates are the course's own, with the target language as a parameter.
@@ -19,13 +19,6 @@ TEMPLATES = {
     "to-fr": "{input} <to-fr>",
     "plain": "{input}",
 }
-
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-CHAT_STOPS = ["<|user|>", "<|system|>"]  # the end of the assistant's turn under the default template
-
 
 def resolve_template(name_or_text: str) -> str:
     """A template by name, or a template text of the user's own (it must contain `{input}`)."""
@@ -53,13 +46,3 @@ def build_prompt(template: str, query: str, shots: Sequence[Example] = (), lang:
     """Zero-shot (no shots) or few-shot: each shot filled in with its answer, one per line, then the query."""
     lines = [fill(template, source_of(s), lang) + " " + s.completion.strip() for s in shots]
     return "\n".join([*lines, fill(template, query, lang)])
-
-
-def render_chat(messages: Sequence[dict], template: str | None = None, add_generation_prompt: bool = True) -> str:
-    """A list of {role, content} messages as one prompt, through a Jinja chat template (sandboxed: a checkpoint's
-    template is data, never trusted code)."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment()
-    return env.from_string(template or DEFAULT_CHAT_TEMPLATE).render(messages=list(messages),
-                                                                     add_generation_prompt=add_generation_prompt)

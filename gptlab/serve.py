@@ -23,7 +23,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from gptlab.api import LLM
 from gptlab.errors import GptlabError
 from gptlab.generate import Engine, SamplingParams, TextStream
-from gptlab.prompts import CHAT_STOPS, render_chat
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
 
@@ -73,8 +72,7 @@ class APIError(Exception):
 class Server:
     """The model, its tokenizer and the admission of requests; the FastAPI app is built around one."""
 
-    def __init__(self, llm: LLM, model_name: str, max_concurrency: int = 1, chat_template: str | None = None,
-                 max_prompt_chars: int = 100_000) -> None:
+    def __init__(self, llm: LLM, model_name: str, max_concurrency: int = 1, max_prompt_chars: int = 100_000) -> None:
         self.llm = llm
         self.model_name = model_name
         # One engine per slot: a request takes one for its whole run, so no two runs share an engine's cached
@@ -83,40 +81,47 @@ class Server:
         for _ in range(max_concurrency):
             self.engines.put(Engine(llm.model, llm.tokenizer))
         self.max_prompt_chars = max_prompt_chars
-        self.chat_template = chat_template
         self.created = int(time.time())
         self.abandoned = 0  # runs stopped early because their client went away
 
     # -- requests -> prompts -----------------------------------------------------------------------------------
-    def prompt_lengths(self, prompts: Sequence[str], max_tokens: int) -> list[int]:
-        """Token counts of the prompts, after checking each against the size limit and the context."""
-        ctx = self.llm.engine.context
-        lengths = []
+    def encode_prompts(self, prompts: Sequence[str], max_tokens: int) -> list[list[int]]:
+        """Token ids of the prompts (a BOS first where the model's tokenizer adds one), after checking each against
+        the size limit and the context."""
+        out = []
         for p in prompts:
             if len(p) > self.max_prompt_chars:
                 raise APIError(400, f"the prompt has {len(p)} characters; this server takes at most "
                                     f"{self.max_prompt_chars}", "prompt", "prompt_too_long")
-            n = max(1, len(self.llm.tokenizer.encode(p)))
-            if n + max_tokens > ctx:
-                raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
-                                    f"{n + max_tokens} tokens ({n} in the prompt, {max_tokens} in the completion).",
-                               "max_tokens", "context_length_exceeded")
-            lengths.append(n)
-        return lengths
+            out.append(self.check_length(self.llm.engine.encode(p), max_tokens))
+        return out
 
-    def render_chat(self, messages: Sequence[Message]) -> str:
-        return render_chat([m.model_dump() for m in messages], self.chat_template)
+    def check_length(self, ids: list[int], max_tokens: int) -> list[int]:
+        ctx = self.llm.engine.context
+        n = max(1, len(ids))
+        if n + max_tokens > ctx:
+            raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
+                                f"{n + max_tokens} tokens ({n} in the prompt, {max_tokens} in the completion).",
+                           "max_tokens", "context_length_exceeded")
+        return ids
+
+    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+        """The conversation through the model's chat template (gptlab's own for a model without one)."""
+        if sum(len(m.content) for m in messages) > self.max_prompt_chars:
+            raise APIError(400, f"the messages have more than {self.max_prompt_chars} characters", "messages",
+                           "prompt_too_long")
+        return self.llm.tokenizer.encode_chat([m.model_dump() for m in messages], add_generation_prompt=True)
 
     # -- generation (runs in a worker thread) ------------------------------------------------------------------
-    def generate(self, prompts: Sequence[str], req: _Request, max_tokens: int, stop: list[str],
-                 emit: Callable[[int, str], None], cancelled: threading.Event) -> list[TextStream]:
+    def generate(self, prompts: Sequence[list[int]], req: _Request, max_tokens: int, stop: list[str],
+                 stop_ids: Sequence[int], emit: Callable[[int, str], None], cancelled: threading.Event
+                 ) -> list[TextStream]:
         """Generate `req.n` choices for each prompt (choice i*n+j is prompt i's j-th); `emit(choice, piece)` as text
         becomes final. Holds a slot for the whole run; returns each choice's stream (text, tokens, finish reason)."""
         params = SamplingParams(temperature=req.temperature, top_p=req.top_p if req.top_p < 1 else None,
                                 seed=req.seed)
         batch = [p for p in prompts for _ in range(req.n)]
-        tok = self.llm.tokenizer
-        rows = [TextStream(tok, stop, tok.eos_id) for _ in batch]
+        rows = [TextStream(self.llm.tokenizer, stop, stop_ids) for _ in batch]
         engine = self.engines.get()  # waits for a free slot
         try:
             for choice, piece in engine.stream_rows(batch, rows, max_tokens, params):
@@ -189,25 +194,30 @@ def create_app(server: Server, api_key: str | None = None):  # -> fastapi.FastAP
         if not prompts:
             raise APIError(400, "prompt must not be empty", "prompt")
         max_tokens = req.max_tokens or 16
-        return await respond(req, prompts, max_tokens, req.stops(), chat=False)
+        ids = server.encode_prompts(prompts, max_tokens)
+        return await respond(req, ids, max_tokens, req.stops(), server.llm.tokenizer.stop_ids, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
-        prompt = server.render_chat(req.messages)
-        max_tokens = req.max_completion_tokens or req.max_tokens or max(
-            1, server.llm.engine.context - len(server.llm.tokenizer.encode(prompt)))
-        return await respond(req, [prompt], max_tokens, req.stops() + CHAT_STOPS, chat=True)
+        tok = server.llm.tokenizer
+        ids = server.encode_chat(req.messages)
+        max_tokens = req.max_completion_tokens or req.max_tokens or max(1, server.llm.engine.context - len(ids))
+        server.check_length(ids, max_tokens)
+        return await respond(req, [ids], max_tokens, req.stops() + tok.chat_stop_strings, tok.chat_stop_ids,
+                             chat=True)
 
-    async def respond(req: _Request, prompts: list[str], max_tokens: int, stop: list[str], chat: bool):
-        prompt_lengths = server.prompt_lengths(prompts, max_tokens)
+    async def respond(req: _Request, prompts: list[list[int]], max_tokens: int, stop: list[str],
+                      stop_ids: Sequence[int], chat: bool):
+        prompt_lengths = [max(1, len(p)) for p in prompts]
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         base = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": server.model_name}
         if req.stream:
-            return StreamingResponse(stream(req, prompts, max_tokens, stop, chat, base),
+            return StreamingResponse(stream(req, prompts, max_tokens, stop, stop_ids, chat, base),
                                      media_type="text/event-stream")
         cancelled = threading.Event()
-        rows = await asyncio.to_thread(server.generate, prompts, req, max_tokens, stop, lambda *_: None, cancelled)
+        rows = await asyncio.to_thread(server.generate, prompts, req, max_tokens, stop, stop_ids, lambda *_: None,
+                                       cancelled)
         choices = []
         for i, row in enumerate(rows):
             choice: dict[str, Any] = {"index": i, "finish_reason": row.finish_reason}
@@ -222,8 +232,8 @@ def create_app(server: Server, api_key: str | None = None):  # -> fastapi.FastAP
                                                       "completion_tokens": completion_tokens,
                                                       "total_tokens": prompt_tokens + completion_tokens}}
 
-    async def stream(req: _Request, prompts: list[str], max_tokens: int, stop: list[str], chat: bool,
-                     base: dict[str, Any]) -> AsyncIterator[str]:
+    async def stream(req: _Request, prompts: list[list[int]], max_tokens: int, stop: list[str],
+                     stop_ids: Sequence[int], chat: bool, base: dict[str, Any]) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
@@ -240,7 +250,7 @@ def create_app(server: Server, api_key: str | None = None):  # -> fastapi.FastAP
 
         def work() -> None:
             try:
-                rows = server.generate(prompts, req, max_tokens, stop,
+                rows = server.generate(prompts, req, max_tokens, stop, stop_ids,
                                        lambda i, p: loop.call_soon_threadsafe(queue.put_nowait, ("piece", i, p)),
                                        cancelled)
                 loop.call_soon_threadsafe(queue.put_nowait, ("done", rows, None))
@@ -278,7 +288,6 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
     from gptlab.api import load
 
     llm = load(checkpoint, device=device, dtype=dtype)
-    template_file = Path(checkpoint) / "chat_template.jinja"
-    template = template_file.read_text(encoding="utf-8") if template_file.is_file() else None
-    server = Server(llm, Path(checkpoint).resolve().name, max_concurrency=max_concurrency, chat_template=template)
+    llm.tokenizer.check_chat_template()  # a template that does not render is a start-up error, not a 400 per request
+    server = Server(llm, Path(checkpoint).resolve().name, max_concurrency=max_concurrency)
     uvicorn.run(create_app(server, api_key), host=host, port=port, log_level="info")

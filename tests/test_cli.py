@@ -38,8 +38,24 @@ def test_presets_table_and_json(capsys):
     assert counts["gemma-2b"] == 2_506_172_416
     assert counts["gemma-7b"] == 8_537_680_896
     assert 12.5e9 < counts["gpt3-13b"] < 13.1e9
-    code, out, _ = run(capsys, "presets", "gpt2", "--sizes")
-    assert code == 0 and "497.8MB" in out and "62.2MB" in out
+    code, out, _ = run(capsys, "presets", "gpt2", "llama2-7b", "--sizes")
+    assert code == 0 and "497.8MB" in out and "62.2MB" in out and "nf4 (gptlab)" in out
+    assert "3.9GB" in out.splitlines()[2]  # Llama-2-7B in gptlab's own NF4 (the course's table: 3.9 GB)
+
+
+def test_own_nf4_size_is_what_a_quantized_checkpoint_holds(capsys, tokenizer, tmp_path):
+    """The presets table's `nf4 (gptlab)` counts the layout a quantized checkpoint really stores."""
+    from gptlab.checkpoint import read_weights, save_checkpoint
+    from gptlab.config import ModelConfig
+    from gptlab.model import GPT
+    from gptlab.presets import quantized_bytes
+
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=tokenizer.vocab_size)
+    save_checkpoint(tmp_path / "ckpt", GPT(cfg), tokenizer)
+    assert main(["quantize", str(tmp_path / "ckpt"), "--scheme", "nf4", "--double-quant", "--out",
+                 str(tmp_path / "nf4")]) == 0, capsys.readouterr().err
+    stored = sum(t.numel() * t.element_size() for t in read_weights(tmp_path / "nf4" / "model.safetensors").values())
+    assert quantized_bytes(cfg, float_bytes=4) == stored  # the checkpoint keeps its float tensors in float32
 
 
 def test_generate_json_equals_the_api(capsys, hf_pair):

@@ -117,3 +117,53 @@ def test_stdlib_is_a_corpus():
     files = stdlib_files()
     assert len(files) > 100 and all(f.suffix == ".py" for f in files)
     assert not any("site-packages" in f.parts for f in files)
+
+
+def test_documents_start_with_the_models_bos_and_end_with_its_eos(tmp_path):
+    """`prepare --tokenizer` a Hugging Face folder: each document is `<s> text </s>`, as the model was pretrained;
+    gptlab's own tokenizers keep `<|endoftext|>` between documents and no BOS."""
+    from . import hub_tokenizers as hub
+
+    folder = hub.llama2(tmp_path / "llama2")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    texts = [f"Document {i}: the train left at {i}.\n" * (3 + i % 4) for i in range(30)]
+    for i, text in enumerate(texts):
+        (docs / f"{i:02d}.txt").write_text(text)
+    meta = prepare([str(docs)], tmp_path / "data", tokenizer=str(folder), val_fraction=0.1, progress=False)
+    tok = Tokenizer.from_folder(tmp_path / "data")
+    assert meta["bos"] and meta["eos_token"] == "</s>" and tok.bos_id == 1 and tok.eos_id == 2
+    shards = TokenShards(tmp_path / "data")
+    rows = [list(map(int, shards.data[split])) for split in ("train", "val")]
+    for ids in rows:
+        assert ids.count(1) == ids.count(2) and ids[0] == 1 and ids[-1] == 2
+    whole = [tok.decode(d[1:]).strip() for ids in rows for d in np.split(np.array(ids), np.where(
+        np.array(ids) == 2)[0] + 1) if len(d)]
+    assert sorted(w.removesuffix("</s>").strip() for w in whole) == sorted(t.strip() for t in texts)  # whole
+    plain = prepare([str(docs)], tmp_path / "plain", tokenizer="char", val_fraction=0.1, progress=False)
+    eos = Tokenizer.from_folder(tmp_path / "plain").eos_id
+    ids = list(map(int, TokenShards(tmp_path / "plain").data["train"]))
+    assert not plain["bos"] and ids[-1] == eos and ids.count(eos) == plain["documents"] - plain["split"][
+        "val_documents"]
+
+
+def test_val_split_holds_out_whole_documents_or_the_tail_of_one(tmp_path):
+    """Many documents: whole ones go to val, close to the fraction asked; one document: its last lines, as nanoGPT
+    holds out the end of its text; meta.json says which, and what fraction it came to."""
+    lines = [f"line {i}: the ship left the harbour at dawn, the train at noon.\n" for i in range(2000)]
+    (tmp_path / "one.txt").write_text("".join(lines))
+    meta = prepare([str(tmp_path / "one.txt")], tmp_path / "one", tokenizer="char", val_fraction=0.05,
+                   progress=False)
+    assert meta["split"]["val_tails"] == 1 and meta["split"]["val_documents"] == 0
+    assert abs(meta["val_fraction_made"] - 0.05) < 0.002
+    tok = Tokenizer.from_folder(tmp_path / "one")
+    val = tok.decode(int(t) for t in TokenShards(tmp_path / "one").data["val"]).removesuffix("<|endoftext|>")
+    text = "".join(lines)
+    assert text.endswith(val) and val.startswith("line ") and abs(len(val) - 0.05 * len(text)) < len(lines[0])
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(200):
+        (docs / f"{i:03d}.txt").write_text(f"doc {i} " * (5 + i % 9) + "\n")
+    meta = prepare([str(docs)], tmp_path / "many", tokenizer="char", val_fraction=0.1, progress=False)
+    assert meta["split"]["val_tails"] == 0 and 15 <= meta["split"]["val_documents"] <= 25
+    assert abs(meta["val_fraction_made"] - 0.1) < 0.01

@@ -18,7 +18,7 @@ from gptlab.data.tasks import Example, load_examples
 from gptlab.errors import GptlabError
 from gptlab.evaluate import perplexity, score
 from gptlab.model import GPT
-from gptlab.prompts import TEMPLATES, build_prompt, render_chat, resolve_template
+from gptlab.prompts import TEMPLATES, build_prompt, resolve_template
 
 from .conftest import TEXT
 
@@ -85,15 +85,14 @@ def test_evaluate_command_compares_templates(capsys, hf_pair, tmp_path):
         assert prompt.endswith(endings[template]) and "Le train" in prompt  # a shot's answer, then the query
 
 
-def test_chat_records_render_through_the_template(tmp_path):
+def test_chat_records_keep_their_messages(tmp_path):
+    """A conversation stays messages until a tokenizer renders it with its own template."""
     path = tmp_path / "chat.jsonl"
-    path.write_text(json.dumps({"messages": [{"role": "system", "content": "Be brief."},
-                                             {"role": "user", "content": "Hi"},
-                                             {"role": "assistant", "content": "Hello."}]}) + "\n")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."}]
+    path.write_text(json.dumps({"messages": messages}) + "\n")
     (ex,) = load_examples(path)
-    assert ex.chat and ex.prompt == render_chat([{"role": "system", "content": "Be brief."},
-                                                 {"role": "user", "content": "Hi"}])
-    assert ex.prompt.endswith("<|assistant|>\n") and ex.completion == "Hello.\n"
+    assert ex.chat and ex.messages == messages and ex.prompt == "Hi" and ex.completion == "Hello."
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n")
     with pytest.raises(GptlabError, match="last message must be the assistant's"):

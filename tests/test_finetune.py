@@ -65,8 +65,9 @@ def test_merge_then_unmerge_restores_the_base(hf_pair):
 def test_loss_mask_scores_the_completion_only(tokenizer):
     data = ExampleBatches({"train": [Example("The train <to-fr>", " Le train")]}, tokenizer, block_size=64)
     x, y = data.batch("train", (0,), 1, 64)
-    ids, n_prompt = data.rows["train"][0]
-    assert x[0].tolist() == ids[:-1]
+    ids, scored = data.rows["train"][0]
+    n_prompt = scored.index(True)
+    assert x[0].tolist() == ids[:-1] and n_prompt == len(tokenizer.encode("The train <to-fr>"))
     assert (y[0, : n_prompt - 1] == -100).all()
     assert y[0, n_prompt - 1:].tolist() == ids[n_prompt:]  # the completion and <|endoftext|>
 
@@ -74,7 +75,8 @@ def test_loss_mask_scores_the_completion_only(tokenizer):
 def test_over_long_examples_are_truncated_by_the_stated_rule(tokenizer):
     long_prompt = "word " * 200
     data = ExampleBatches({"train": [Example(long_prompt, " end")]}, tokenizer, block_size=32)
-    ids, n_prompt = data.rows["train"][0]
+    ids, scored = data.rows["train"][0]
+    n_prompt = scored.index(True)
     assert data.truncated == 1 and len(ids) == 33
     assert ids[n_prompt:] == tokenizer.encode(" end") + [tokenizer.eos_id]  # the completion survives whole
 

@@ -152,7 +152,7 @@ def test_stop_strings_cut_the_text(llm):
 
 def test_text_stream_holds_back_partial_characters_and_stop_prefixes(tokenizer):
     ids = tokenizer.encode("ab 🙂 cd STOP ef")
-    stream = TextStream(tokenizer, stop=["STOP"], eos_id=tokenizer.eos_id)
+    stream = TextStream(tokenizer, stop=["STOP"], stop_ids=tokenizer.eos_id)
     out = []
     for t in ids:
         out.append(stream.push(t))
@@ -165,7 +165,7 @@ def test_text_stream_holds_back_partial_characters_and_stop_prefixes(tokenizer):
 
 def test_eos_ends_a_row(tokenizer):
     eos = tokenizer.eos_id
-    stream = TextStream(tokenizer, eos_id=eos)
+    stream = TextStream(tokenizer, stop_ids=eos)
     text = "".join(stream.push(t) for t in tokenizer.encode("hello") + [eos])
     assert text == "hello" and stream.done and stream.token_ids[-1] == eos
 

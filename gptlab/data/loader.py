@@ -32,7 +32,7 @@ class TokenShards:
                      (self.folder / f"{s}.bin").stat().st_size else np.zeros(0, dtype) for s in SPLITS}
 
     def tokenizer(self) -> Tokenizer:
-        return Tokenizer.from_file(self.folder / "tokenizer.json")
+        return Tokenizer.from_folder(self.folder)
 
     def check(self, block_size: int, batch_size: int, need_val: bool) -> None:
         n = len(self.data["train"])

@@ -1,10 +1,14 @@
 """Corpus -> token shards: `train.bin`, `val.bin`, `tokenizer.json`, `meta.json`.
 
-The shards are flat arrays of token ids (uint16 when the vocabulary fits, else uint32), documents separated by
-`<|endoftext|>`, as nanoGPT's. Text is read and encoded in pieces, so memory stays flat; encoding runs on every core
-(Hugging Face tokenizers' `encode_batch`). A piece goes to the val split whenever val holds less than `val_fraction`
-of the text before it, so the split is exact to a piece and the same on every run, for a single large file as for a
-folder of small ones.
+The shards are flat arrays of token ids (uint16 when the vocabulary fits, else uint32), each document ended by the
+tokenizer's EOS (`<|endoftext|>` for gptlab's own, `</s>`, `<|end_of_text|>`, ... for a model's) and started by its
+BOS where it adds one, as nanoGPT's and as the model was pretrained. Text is read and encoded in pieces, so memory
+stays flat; encoding runs on every core (Hugging Face tokenizers' `encode_batch`).
+
+The val split holds out text the model never trains on: whole documents, chosen as they stream by so that val keeps
+`val_fraction` of the bytes seen; a document too large for that (more than half of the val budget: one big file, say)
+gives the contiguous tail of its text instead, as nanoGPT holds out the last 10% of its one text. The split is the
+same on every run, and `meta.json` says how it was made and what fraction it came to.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from gptlab.tokenizer import Tokenizer
 
 PIECE_CHARS = 1 << 14  # text is encoded in pieces of about this many characters, cut at line ends
 BATCH_PIECES = 256
+BIG_DOCUMENT = 0.5  # of the val budget: a larger document gives its tail to val rather than going there whole
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -44,20 +49,28 @@ def pieces(text: str) -> Iterator[str]:
     yield text[start:]
 
 
+def tail_cut(text: str, fraction: float) -> int:
+    """Where the last `fraction` of a text starts, moved to the nearest line start within 1000 characters."""
+    cut = len(text) - max(1, round(fraction * len(text)))
+    after = text.find("\n", cut, cut + 1000) + 1  # 0: none
+    before = text.rfind("\n", max(0, cut - 1000), cut) + 1
+    starts = [i for i in (before, after) if 0 < i < len(text)]
+    return min(starts, key=lambda i: abs(i - cut)) if starts else cut
+
+
 def build_tokenizer(spec: str, files: Sequence[tuple[str, Path]], vocab_size: int, text_field: str) -> Tokenizer:
-    """`bpe` and `char` train on the sources; anything else is a tokenizer.json or a folder holding one (or GPT-2's
-    vocab.json + merges.txt)."""
+    """`bpe` and `char` train on the sources; anything else is a tokenizer.json, or a folder holding one: a gptlab
+    checkpoint or data folder, or a Hugging Face model's (read as `AutoTokenizer` reads it, special tokens
+    included), or GPT-2's vocab.json + merges.txt."""
     if spec == "bpe":
         return Tokenizer.train_bpe(documents(files, text_field, SourceReport()), vocab_size)
     if spec == "char":
         return Tokenizer.train_char(documents(files, text_field, SourceReport()))
     path = Path(spec)
     if path.is_dir():
-        if (path / "tokenizer.json").is_file():
-            return Tokenizer.from_file(path / "tokenizer.json")
-        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-            return Tokenizer.from_vocab_merges(path / "vocab.json", path / "merges.txt")
-        raise GptlabError(f"{spec} holds no tokenizer.json nor vocab.json + merges.txt")
+        from gptlab.interop.hf import read_hf_tokenizer
+
+        return read_hf_tokenizer(path)
     if path.is_file():
         return Tokenizer.from_file(path)
     raise GptlabError(f"--tokenizer must be bpe, char, or a tokenizer file or folder; {spec!r} is none of these")
@@ -73,41 +86,56 @@ def prepare(sources: Sequence[str], out: str | Path, tokenizer: str = "bpe", voc
         raise GptlabError(f"--vocab-size must be at least 257 for a byte-level BPE (256 bytes + <|endoftext|>), "
                           f"got {vocab_size}")
     out = Path(out)
-    if out.exists() and any((out / f).exists() for f in ("train.bin", "val.bin", "meta.json")):
-        raise GptlabError(f"{out} already holds prepared data; choose a new --out (nothing was written)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        what = "prepared data" if (out / "meta.json").exists() else "files"
+        raise GptlabError(f"{out} already holds {what}; choose a new or empty --out (nothing was written)")
     files = resolve(sources, tuple(e if e.startswith(".") else f".{e}" for e in extensions))
     t0 = time.perf_counter()
     tok = build_tokenizer(tokenizer, files, vocab_size, text_field)
     eos = tok.eos_id
     if eos is None:
-        raise GptlabError("the tokenizer has no <|endoftext|> token to separate documents")
+        raise GptlabError("the tokenizer has no end-of-text token (eos_token) to separate documents")
+    bos = tok.prefix_ids  # the BOS a model that adds one saw at the start of every document
     dtype = token_dtype(tok.vocab_size)
     out.mkdir(parents=True, exist_ok=True)
     tmp = {split: out / f".{split}.bin.tmp" for split in ("train", "val")}
     counts = {"train": 0, "val": 0}
-    chars = {"train": 0, "val": 0}
+    seen = {"train": 0, "val": 0}  # bytes
+    held = {"documents": 0, "tails": 0}
+    budget = val_fraction * total_bytes(files)  # of val, in bytes
     report = SourceReport()
     bar = tqdm(total=total_bytes(files), unit="B", unit_scale=True, desc="prepare", disable=not progress)
     try:
         with open(tmp["train"], "wb") as f_train, open(tmp["val"], "wb") as f_val:
             sinks = {"train": f_train, "val": f_val}
-            batch: list[tuple[str, str, bool]] = []  # (split, text, ends a document)
+            batch: list[tuple[str, str, bool, bool]] = []  # (split, text, starts a document, ends it)
 
             def flush() -> None:
-                encodings = tok.backend.encode_batch([text for _, text, _ in batch], add_special_tokens=False)
-                for (split, text, last), enc in zip(batch, encodings):
-                    ids = enc.ids + [eos] if last else enc.ids
+                encodings = tok.backend.encode_batch([text for _, text, _, _ in batch], add_special_tokens=False)
+                for (split, text, first, last), enc in zip(batch, encodings):
+                    ids = (bos if first else []) + enc.ids + ([eos] if last else [])
                     np.asarray(ids, dtype=dtype).tofile(sinks[split])
                     counts[split] += len(ids)
                     bar.update(len(text.encode("utf-8")))
                 batch.clear()
 
             for doc in documents(files, text_field, report):
-                parts = list(pieces(doc))
-                for i, part in enumerate(parts):
-                    split = "val" if chars["val"] < val_fraction * (chars["train"] + chars["val"]) else "train"
-                    chars[split] += len(part)
-                    batch.append((split, part, i == len(parts) - 1))
+                size = len(doc.encode("utf-8"))
+                if val_fraction == 0:
+                    parts = [("train", doc)]
+                elif size > BIG_DOCUMENT * budget:  # the tail of this document is held out
+                    cut = tail_cut(doc, val_fraction)
+                    parts = [("train", doc[:cut]), ("val", doc[cut:])]
+                    held["tails"] += 1
+                else:  # the whole document, when val is short of its share of the bytes so far
+                    total = seen["train"] + seen["val"] + size
+                    parts = [("val" if seen["val"] + size / 2 <= val_fraction * total else "train", doc)]
+                    held["documents"] += parts[0][0] == "val"
+                for n, (split, text) in enumerate(parts):
+                    seen[split] += len(text.encode("utf-8"))
+                    chunks = list(pieces(text))
+                    for i, chunk in enumerate(chunks):
+                        batch.append((split, chunk, n == 0 and i == 0, n == len(parts) - 1 and i == len(chunks) - 1))
                 if len(batch) >= BATCH_PIECES:
                     flush()
             if batch:
@@ -121,16 +149,25 @@ def prepare(sources: Sequence[str], out: str | Path, tokenizer: str = "bpe", voc
         bar.close()
         for path in tmp.values():
             path.unlink(missing_ok=True)
+    made = seen["val"] / max(1, seen["train"] + seen["val"])
+    if val_fraction > 0 and abs(made - val_fraction) > 0.2 * val_fraction:
+        print(f"gptlab: warning: the val split is {made:.1%} of the text where {val_fraction:.1%} was asked: "
+              f"{report.documents} document(s) of these sizes cannot be held out closer to it (whole documents, or "
+              "the tails of large ones)", file=sys.stderr)
     if val_fraction > 0 and counts["val"] == 0:
-        print("gptlab: warning: the val split is empty (the corpus is a single piece); evaluation will need more text",
+        print("gptlab: warning: the val split is empty (the corpus is too small); evaluation will need more text",
               file=sys.stderr)
     seconds = time.perf_counter() - t0
-    tok.save(out / "tokenizer.json")
+    tok.save_folder(out)
     meta = {
         "train_tokens": counts["train"], "val_tokens": counts["val"], "dtype": dtype.name,
         "vocab_size": tok.vocab_size, "tokenizer": tokenizer if tokenizer in ("bpe", "char") else str(tokenizer),
         "sources": list(sources), "documents": report.documents, "bytes": report.bytes,
-        "skipped": report.skipped, "val_fraction": val_fraction,
+        "skipped": report.skipped, "val_fraction": val_fraction, "val_fraction_made": round(made, 6),
+        "split": {"rule": "whole documents to val while it holds less than val_fraction of the bytes so far; a "
+                          f"document over {BIG_DOCUMENT:g} of the val budget gives the last val_fraction of its text",
+                  "val_documents": held["documents"], "val_tails": held["tails"]},
+        "bos": bool(bos), "eos_token": tok.specials["eos_token"],
         "seconds": round(seconds, 3), "mb_per_s": round(report.bytes / 1e6 / max(seconds, 1e-9), 2),
     }
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")

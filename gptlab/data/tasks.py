@@ -3,8 +3,8 @@
 Formats, found by the file's ending and each record's fields:
 - JSONL or CSV with `prompt` / `completion`;
 - Alpaca JSONL (`instruction`, optional `input`, `output`), rendered with Alpaca's own prompt;
-- chat JSONL (`messages` with roles): the conversation so far, through the chat template, is the prompt, and the
-  last (assistant) message the completion;
+- chat JSONL (`messages` with roles): rendered with the model's own chat template when it is tokenized, and every
+  assistant turn is scored (its end-of-turn token included), the rest not;
 - JSONL with `text` only, or a `.txt` file of one example per line: continued pretraining (everything is scored),
   unless a task token is given: then a line `English <to-fr> French` is the prompt `English <to-fr>` and the
   completion ` French`, as in GPT-2-style task training.
@@ -32,7 +32,11 @@ ALPACA = ("Below is an instruction that describes a task{ctx}. Write a response 
 class Example:
     prompt: str
     completion: str
-    chat: bool = False  # made from `messages` through the chat template
+    messages: list[dict] | None = None  # a conversation (prompt: its last user turn, completion: its last answer)
+
+    @property
+    def chat(self) -> bool:
+        return self.messages is not None
 
 
 def _from_record(record: object, where: str, task_token: str | None) -> Example:
@@ -53,16 +57,15 @@ def _from_record(record: object, where: str, task_token: str | None) -> Example:
 
 
 def _from_chat(messages: list) -> Example:
-    """A conversation: everything before the last message is the prompt (rendered with the chat template kept with
-    the checkpoint); the last message, the assistant's, is the completion that is scored."""
-    from gptlab.prompts import render_chat
-
+    """A conversation, kept as messages: the tokenizer renders it with the model's chat template, so the same file
+    trains any model in its own format. Its last message, the assistant's, is the reference an evaluation scores."""
     if not messages or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and
                                isinstance(m.get("content"), str) for m in messages):
         raise ValueError("messages must be a list of {role, content} objects")
     if messages[-1]["role"] != "assistant":
         raise ValueError("the last message must be the assistant's (the completion to learn)")
-    return Example(render_chat(messages[:-1]), messages[-1]["content"] + "\n", chat=True)
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    return Example(users[-1] if users else "", messages[-1]["content"], messages=messages)
 
 
 def _from_line(line: str, task_token: str | None) -> Example:
@@ -116,30 +119,41 @@ def load_examples(path: str | Path, task_token: str | None = None, skip_bad: boo
 
 
 class ExampleBatches:
-    """Tokenized examples with labels of -100 on the prompt; batches are padded to their longest example.
+    """Tokenized examples with a mask of the tokens that are scored; batches are padded to their longest example.
 
-    Truncation rule for an example longer than the context: the prompt loses tokens from its start (the end of a
-    prompt, next to the completion, matters most), then the completion loses tokens from its end.
+    A (prompt, completion) example reads `BOS prompt completion EOS` (BOS where the tokenizer adds one) and scores the
+    completion and its EOS; a conversation is rendered by the chat template and scores its assistant turns. Every
+    example ends with the model's own end token (its EOS, or the template's end-of-turn), so that generation learns
+    to stop. Truncation rule for an example longer than the context: what comes before the first scored token loses
+    tokens from its start (keeping the BOS; the end, next to the answer, matters most), then the end is cut.
     """
 
     def __init__(self, splits: dict[str, list[Example]], tokenizer: Tokenizer, block_size: int) -> None:
         eos = tokenizer.eos_id
         if eos is None:
-            raise GptlabError("the tokenizer has no <|endoftext|> token to end completions with")
-        self.pad = eos
+            raise GptlabError("the tokenizer has no end-of-text token (eos_token) to end completions with")
+        self.pad = tokenizer.pad_id if tokenizer.pad_id is not None else eos
         self.truncated = 0
-        self.rows: dict[str, list[tuple[list[int], int]]] = {}  # split -> (ids, number of prompt tokens)
+        self.rows: dict[str, list[tuple[list[int], list[bool]]]] = {}  # split -> (ids, scored)
+        prefix = tokenizer.prefix_ids
         for split, examples in splits.items():
             rows = []
             for ex in examples:
-                p, c = tokenizer.encode(ex.prompt), tokenizer.encode(ex.completion) + [eos]
-                over = len(p) + len(c) - (block_size + 1)
+                if ex.messages is not None:
+                    ids, scored = tokenizer.chat_tokens(ex.messages)
+                else:
+                    p = prefix + tokenizer.encode(ex.prompt, special=False)
+                    c = tokenizer.encode(ex.completion, special=False) + [eos]
+                    ids, scored = p + c, [False] * len(p) + [True] * len(c)
+                over = len(ids) - (block_size + 1)
                 if over > 0:
                     self.truncated += 1
-                    cut = min(over, max(0, len(p) - 1))
-                    p = p[cut:]
-                    c = c[: block_size + 1 - len(p)]
-                rows.append((p + c, len(p)))
+                    keep = len(prefix) if ids[: len(prefix)] == prefix else 0
+                    first = scored.index(True) if True in scored else len(ids)
+                    cut = min(over, max(0, first - 1 - keep))
+                    ids, scored = ids[:keep] + ids[keep + cut:], scored[:keep] + scored[keep + cut:]
+                    ids, scored = ids[: block_size + 1], scored[: block_size + 1]
+                rows.append((ids, scored))
             self.rows[split] = rows
 
     def check(self, block_size: int, batch_size: int, need_val: bool) -> None:
@@ -150,14 +164,15 @@ class ExampleBatches:
 
     def batch(self, split: str, key: tuple[int, ...], batch_size: int, block_size: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and targets (B, T), T the longest chosen example minus one; prompt and padding targets are -100."""
+        """Inputs and targets (B, T), T the longest chosen example minus one; unscored and padding targets are -100."""
         rows = self.rows[split]
         rng = np.random.default_rng([1 if split == "val" else 0, *key])
         chosen = [rows[i] for i in rng.integers(0, len(rows), size=batch_size)]
         T = max(len(ids) for ids, _ in chosen)
         x = torch.full((batch_size, T), self.pad, dtype=torch.long)
         y = torch.full((batch_size, T), -100, dtype=torch.long)
-        for b, (ids, n_prompt) in enumerate(chosen):
+        for b, (ids, scored) in enumerate(chosen):
             x[b, : len(ids)] = torch.tensor(ids)
-            y[b, max(n_prompt, 1) - 1: len(ids) - 1] = torch.tensor(ids[max(n_prompt, 1):])
+            targets = torch.tensor(ids[1:], dtype=torch.long)  # (n-1,) the next token of each position
+            y[b, : len(ids) - 1] = torch.where(torch.tensor(scored[1:], dtype=torch.bool), targets, -100)
         return x[:, :-1], y[:, :-1]

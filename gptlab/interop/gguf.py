@@ -155,11 +155,18 @@ def add_tokenizer(writer, tokenizer: Tokenizer, vocab_size: int) -> None:
         writer.add_add_space_prefix(False)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_add_bos_token(False)
-    if tokenizer.eos_id is not None:
-        writer.add_eos_token_id(tokenizer.eos_id)
-        writer.add_bos_token_id(tokenizer.eos_id)
-        writer.add_pad_token_id(tokenizer.eos_id)
+    # the special tokens the model was trained with: llama.cpp adds the BOS where the tokenizer does, stops at EOS
+    # and the end-of-turn token, and renders chats with the template
+    writer.add_add_bos_token(bool(tokenizer.prefix_ids))
+    eos, bos = tokenizer.eos_id, tokenizer.bos_id
+    if eos is not None:
+        writer.add_eos_token_id(eos)
+        writer.add_bos_token_id(bos if bos is not None else eos)  # GPT-2's convention: <|endoftext|> is both
+        writer.add_pad_token_id(tokenizer.pad_id if tokenizer.pad_id is not None else eos)
+    if tokenizer.end_of_turn:
+        writer.add_eot_token_id(tokenizer.end_of_turn[0])
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
 
 
 def export_gguf(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str], dtype: str = "f16") -> Path:

@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import Tokenizer as HFTokenizer
 
 from gptlab.checkpoint import check_folder, load_checkpoint, load_model, model_state, read_weights, save_checkpoint
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
-from gptlab.files import atomic_write, atomic_write_text
+from gptlab.files import atomic_write_text, read_json_object, write_folder
 from gptlab.interop import llama
 from gptlab.model import GPT
-from gptlab.tokenizer import EOS, Tokenizer
+from gptlab.tokenizer import GENERATION_CONFIG, SPECIAL_NAMES, TOKENIZER, TOKENIZER_CONFIG, Tokenizer, stop_list
 
 SUPPORTED = ("gpt2", *llama.FAMILIES)
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -49,15 +51,15 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     )
 
 
-def config_to_hf(cfg: ModelConfig, eos_id: int | None) -> dict[str, Any]:
+def config_to_hf(cfg: ModelConfig, ids: dict[str, Any]) -> dict[str, Any]:
+    """`ids`: the tokenizer's bos_token_id, eos_token_id and pad_token_id."""
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, "n_positions": cfg.block_size,
         "n_ctx": cfg.block_size, "vocab_size": cfg.vocab_size, "n_inner": cfg.mlp_hidden,
         "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
         "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
-        "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": eos_id, "eos_token_id": eos_id,
-        "dtype": "float32",
+        "tie_word_embeddings": cfg.tie_embeddings, **ids, "dtype": "float32",
     }
 
 
@@ -105,32 +107,75 @@ def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
     raise GptlabError(f"{src} has no weights (model.safetensors, model.safetensors.index.json or pytorch_model.bin)")
 
 
+GENERIC_TOKENIZERS = (None, "PreTrainedTokenizerFast", "TokenizersBackend")  # read tokenizer.json as it is
+
+
 def read_hf_tokenizer(src: Path) -> Tokenizer:
-    if (src / "tokenizer.json").is_file():
-        return Tokenizer.from_file(src / "tokenizer.json")
+    """A Hugging Face folder's tokenizer as `AutoTokenizer` gives it: its pipeline, special tokens, BOS rule, chat
+    template, and the ids generation stops at (`generation_config.json`, else `config.json`).
+
+    A folder whose `tokenizer_config.json` names transformers' generic class is read directly, as transformers reads
+    it. A model-specific class (`LlamaTokenizer`, `GemmaTokenizer`, `Qwen2Tokenizer`, ...) is rebuilt by
+    transformers from the vocabulary with that class's own normalization, which can tokenize differently from the
+    folder's `tokenizer.json` (Llama 2's files do); so such a folder is read through `AutoTokenizer` itself when
+    transformers is installed, and the pipeline it builds is what the checkpoint keeps."""
+    generation = read_json_object(src / GENERATION_CONFIG)
+    stops = generation.get("eos_token_id", read_json_object(src / "config.json").get("eos_token_id"))
+    config = read_json_object(src / TOKENIZER_CONFIG)
+    if (src / TOKENIZER).is_file() and config.get("tokenizer_class") in GENERIC_TOKENIZERS:
+        tok = Tokenizer.from_folder(src)
+        return Tokenizer(tok.backend, tok.specials if config else None, stop_list(stops), tok.chat_template)
+    via = _via_transformers(src, stops)
+    if via is not None:
+        return via
+    if (src / TOKENIZER).is_file():
+        print(f"gptlab: note: transformers is not installed, so the tokenizer of {src} is read from its "
+              f"{TOKENIZER} as it is; transformers' {config.get('tokenizer_class')} may split some texts otherwise "
+              "(pip install transformers, then import again, for its exact ids)", file=sys.stderr)
+        tok = Tokenizer.from_folder(src)
+        return Tokenizer(tok.backend, tok.specials, stop_list(stops), tok.chat_template)
     if (src / "vocab.json").is_file() and (src / "merges.txt").is_file():
         return Tokenizer.from_vocab_merges(src / "vocab.json", src / "merges.txt")
+    if (src / "tokenizer.model").is_file():
+        raise GptlabError(f"{src} has only a SentencePiece tokenizer.model; install transformers (and sentencepiece) "
+                          "so that it can be converted, or add the model's tokenizer.json")
     raise GptlabError(f"{src} has no tokenizer (tokenizer.json, or vocab.json and merges.txt)")
 
 
-def _empty_destination(out: Path) -> None:
+def _via_transformers(src: Path, stops: Any) -> Tokenizer | None:
+    """The tokenizer transformers builds for the folder, or None without transformers."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        return None
+    try:
+        hf = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+    except Exception as e:  # transformers raises many kinds; its first line says what is wrong
+        why = str(e).splitlines()[0] if str(e) else repr(e)
+        raise GptlabError(f"transformers cannot read the tokenizer in {src}: {why}") from None
+    backend = getattr(hf, "backend_tokenizer", None)
+    if backend is None:
+        raise GptlabError(f"the tokenizer in {src} ({type(hf).__name__}) has no tokenizers-library version")
+    template = hf.chat_template
+    if isinstance(template, dict):
+        template = template.get("default") or next(iter(template.values()), None)
+    specials = {name: getattr(hf, name, None) for name in SPECIAL_NAMES}
+    return Tokenizer(HFTokenizer.from_str(backend.to_str()), specials, stop_list(stops), template)
+
+
+def import_hf(src: str | os.PathLike[str], out: str | os.PathLike[str], source: str | None = None) -> Path:
+    """A Hugging Face model folder (GPT-2, Llama, Mistral, Gemma) -> a gptlab checkpoint folder, tokenizer included:
+    its special tokens, BOS rule, stop ids and chat template, as transformers reads them."""
+    src, out = check_folder(src, required=("config.json",)), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise GptlabError(f"{out} already exists and is not empty; choose a new folder (nothing was written)")
-
-
-def import_hf(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
-    """A Hugging Face GPT-2 folder -> a gptlab checkpoint folder."""
-    src, out = check_folder(src, required=("config.json",)), Path(out)
-    _empty_destination(out)
-    try:
-        hf_config = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise GptlabError(f"{src / 'config.json'} is not valid JSON: {e}") from None
+    hf_config = read_json_object(src / "config.json", missing_ok=False)
     config = config_from_hf(hf_config)
     tokenizer = read_hf_tokenizer(src)
     if tokenizer.vocab_size > config.vocab_size:
         raise GptlabError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
                           f"{config.vocab_size}")
+    tokenizer.check_chat_template()
     weights = read_hf_weights(src)
     if config.pos == "rope":
         try:
@@ -143,11 +188,13 @@ def import_hf(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
     model = load_model(config, state, f"the weights in {src}")
-    return save_checkpoint(out, model, tokenizer)
+    source = source or str(src.resolve())
+    return write_folder(out, lambda folder: save_checkpoint(folder, model, tokenizer, source=source))
 
 
 def export_hf(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
-    """A gptlab checkpoint -> a folder that `AutoModelForCausalLM` and `AutoTokenizer` load offline."""
+    """A gptlab checkpoint -> a folder that `AutoModelForCausalLM` and `AutoTokenizer` load offline, with the same
+    special tokens, stop ids and chat template; the folder appears whole or not at all."""
     model, tokenizer = load_checkpoint(checkpoint)
     if model.quantization is not None:  # transformers gets the float weights the codes stand for
         from gptlab.quant.layers import dequantize_model
@@ -158,29 +205,23 @@ def export_hf(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]) -
     if set(model_state(model)) != plain:
         raise GptlabError(f"{checkpoint} has parts GPT-2 does not (adapter layers or virtual tokens cannot be folded "
                           "into its weights); export hf takes full and LoRA checkpoints")
-    out = Path(out)
-    _empty_destination(out)
-    out.mkdir(parents=True, exist_ok=True)
-    eos_id = tokenizer.eos_id
+    ids = tokenizer.generation_config()
     if model.config.pos == "rope":
-        hf_config = llama.config_to_hf(model.config, eos_id)
+        hf_config = llama.config_to_hf(model.config, ids)
         state = llama.state_to_hf(model_state(model), model.config)
     else:
-        hf_config = config_to_hf(model.config, eos_id)
+        hf_config = config_to_hf(model.config, ids)
         state = state_to_hf(model)
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
-    atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    atomic_write(out / "tokenizer.json", tokenizer.save)
-    specials = {"eos_token": EOS, "bos_token": EOS, "unk_token": EOS} if eos_id is not None else {}
-    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.config.block_size,
-                  "add_prefix_space": False, **specials}
-    files = {
-        "config.json": hf_config,
-        "generation_config.json": {"bos_token_id": eos_id, "eos_token_id": eos_id},
-        "tokenizer_config.json": tok_config,
-        "special_tokens_map.json": specials,
-    }
-    for name, data in files.items():
-        atomic_write_text(out / name, json.dumps(data, indent=2) + "\n")
-    return out
+
+    def write(folder: Path) -> None:
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_folder(folder)
+        tok_config = {**tokenizer.config(), "model_max_length": model.config.block_size}
+        specials = {k: v for k, v in tokenizer.specials.items() if v is not None}
+        for name, data in (("config.json", hf_config), (TOKENIZER_CONFIG, tok_config),
+                           ("special_tokens_map.json", specials)):
+            atomic_write_text(folder / name, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+    return write_folder(out, write)

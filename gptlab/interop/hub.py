@@ -9,7 +9,8 @@ from pathlib import Path
 from gptlab.errors import GptlabError
 
 WANTED = ["config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "tokenizer.json",
-          "tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json", "special_tokens_map.json"]
+          "tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json", "special_tokens_map.json",
+          "chat_template.jinja", "chat_template.json", "tokenizer.model"]  # the tokenizer and its chat template
 
 
 def download(repo_id: str, revision: str | None = None) -> Path:

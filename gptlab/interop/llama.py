@@ -52,7 +52,8 @@ def family_of(cfg: ModelConfig) -> str:
     return "mistral" if cfg.sliding_window else "llama"
 
 
-def config_to_hf(cfg: ModelConfig, eos_id: int | None) -> dict[str, Any]:
+def config_to_hf(cfg: ModelConfig, ids: dict[str, Any]) -> dict[str, Any]:
+    """`ids`: the tokenizer's bos_token_id, eos_token_id and pad_token_id."""
     kind = family_of(cfg)
     out = {
         "architectures": [FAMILIES[kind]], "model_type": kind, "hidden_size": cfg.n_embd,
@@ -62,7 +63,7 @@ def config_to_hf(cfg: ModelConfig, eos_id: int | None) -> dict[str, Any]:
         "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"}, "vocab_size": cfg.vocab_size,
         "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu" if cfg.mlp == "swiglu" else
         "gelu_pytorch_tanh", "attention_bias": cfg.bias, "attention_dropout": cfg.dropout,
-        "bos_token_id": eos_id, "eos_token_id": eos_id, "dtype": "float32",
+        **ids, "dtype": "float32",
     }
     if kind == "llama":
         out["mlp_bias"] = cfg.bias

@@ -34,6 +34,7 @@ class AdapterLinear(nn.Module):
 
 class Adapter(SmallMethod):
     name = "adapter"
+    lr = 1e-3  # new bottleneck layers from a near-identity start
 
     def __init__(self, bottleneck: int = 64, targets: tuple[str, ...] | list[str] | str = DEFAULT_TARGETS,
                  train_norms: bool = True) -> None:

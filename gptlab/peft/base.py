@@ -31,6 +31,7 @@ class Method:
     """Full training: every parameter trains and a checkpoint is the whole model."""
 
     name = "full"
+    lr = 3e-4  # the default learning rate for fine-tuning with this method (every weight moves: small steps)
     reserved_positions = 0  # context positions the method takes for itself (virtual tokens)
     needs_float_weights = True  # full training updates every weight: a quantized base cannot be trained this way
     paged_optimizer = False  # bitsandbytes' paged AdamW on CUDA (QLoRA)
@@ -105,7 +106,7 @@ class SmallMethod(Method):
         config = {"method": self.name, **self.settings, "base": str(base.resolve()),
                   "base_fingerprint": fingerprint(base)}
         atomic_write_text(folder / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
-        atomic_write(folder / "tokenizer.json", tokenizer.save)
+        tokenizer.save_folder(folder)
 
     def restore(self, model: GPT, folder: Path) -> None:
         _, unexpected = model.load_state_dict(read_weights(folder / ADAPTER), strict=False)
@@ -134,7 +135,7 @@ def load_adapter_checkpoint(folder: Path) -> tuple[GPT, Tokenizer]:
         raise GptlabError(f"the base model in {base} is not the one {folder} was trained on (fingerprint differs)")
     method = METHODS[config.pop("method")](**config)
     model, _ = load_checkpoint(base)
-    tokenizer = Tokenizer.from_file(folder / "tokenizer.json")
+    tokenizer = Tokenizer.from_folder(folder)
     if tokenizer.vocab_size > model.config.vocab_size:
         model.resize_vocab(tokenizer.vocab_size)  # task tokens: the same deterministic rows as in training
     method.attach(model)

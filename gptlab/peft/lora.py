@@ -8,13 +8,15 @@ from the base model exactly), so that weights move between the two unchanged and
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from gptlab.checkpoint import read_weights
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
-from gptlab.peft.base import SmallMethod, float_kind, wrap_linears
+from gptlab.peft.base import ADAPTER, SmallMethod, float_kind, wrap_linears
 from gptlab.quant.formats import QuantSpec
 from gptlab.quant.layers import QuantLinear, dequantize_model, quantize_model
 
@@ -26,6 +28,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base = base
         kind = float_kind(base)
+        self.in_features, self.out_features = base.in_features, base.out_features
         self.lora_A = nn.Linear(base.in_features, r, bias=False, **kind)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, **kind)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -60,6 +63,7 @@ class LoRALinear(nn.Module):
 
 class LoRA(SmallMethod):
     name = "lora"
+    lr = 2e-3  # low-rank updates from B = 0: larger steps than full fine-tuning
 
     def __init__(self, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                  targets: tuple[str, ...] | list[str] | str = DEFAULT_TARGETS) -> None:
@@ -73,6 +77,18 @@ class LoRA(SmallMethod):
         model.requires_grad_(False)
         wrap_linears(model, self.targets, lambda lin: LoRALinear(lin, self.r, self.alpha, self.dropout),
                      "lora.targets")
+
+    def restore(self, model: GPT, folder: Path) -> None:
+        """Load the adapter; a layer stored with another rank (an adapter imported from peft, whose fused parts
+        stack their ranks) gets A and B of that rank first."""
+        weights = read_weights(folder / ADAPTER)
+        for name, module in model.named_modules():
+            a = weights.get(f"{name}.lora_A.weight")
+            if isinstance(module, LoRALinear) and a is not None and a.shape[0] != module.lora_A.out_features:
+                kind = float_kind(module.base)
+                module.lora_A = nn.Linear(module.in_features, a.shape[0], bias=False, **kind)
+                module.lora_B = nn.Linear(a.shape[0], module.out_features, bias=False, **kind)
+        super().restore(model, folder)
 
     def fold(self, model: GPT) -> GPT:
         return merge_lora(model)

@@ -66,6 +66,7 @@ class StaticPrefix(nn.Module):
 
 class PromptTuning(SmallMethod):
     name = "prompt"
+    lr = 1e-2  # a few embedding vectors: prompt tuning needs large steps (Lester et al. use 0.3)
 
     def __init__(self, virtual_tokens: int = 20, init_text: str | None = None) -> None:
         if virtual_tokens < 1:
@@ -105,6 +106,7 @@ class PromptTuning(SmallMethod):
 
 class PrefixTuning(SmallMethod):
     name = "prefix"
+    lr = 3e-3  # keys and values through the reparameterisation MLP
 
     def __init__(self, virtual_tokens: int = 20, hidden: int | None = 512) -> None:
         if virtual_tokens < 1:

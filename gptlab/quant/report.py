@@ -31,8 +31,6 @@ from gptlab.quant.formats import QuantSpec
 from gptlab.quant.layers import quantize_model
 from gptlab.tokenizer import Tokenizer
 
-EXTRA_FILES = ("chat_template.jinja",)  # travel with the weights
-
 
 def refuse_quantized(path: Path) -> None:
     spec = read_quantization(path)
@@ -54,10 +52,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, spec: QuantSpec) -> Pa
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        save_checkpoint(staging, model, tokenizer)
-        for name in EXTRA_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, staging / name)
+        save_checkpoint(staging, model, tokenizer)  # the tokenizer's files (chat template included) travel too
         staging.rename(out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -26,9 +26,9 @@ class TrainConfig:
     max_steps: int = 1000
     batch_size: int = 12  # sequences per micro-batch, summed over all processes
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 6e-4
+    lr: float | None = None  # None: 6e-4 for pretraining, the method's own for fine-tuning (gptlab finetune --help)
     min_lr: float | None = None  # the floor of the cosine; None means lr / 10
-    warmup_steps: int = 100
+    warmup_steps: int | None = None  # None: a tenth of max_steps, at most 100
     lr_decay_steps: int | None = None  # where the cosine reaches min_lr; None means max_steps
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -57,9 +57,9 @@ class TrainConfig:
         if self.loss_chunk is not None and self.loss_chunk < 0:
             raise GptlabError(f"train.loss_chunk must be >= 0 (0: the unfused loss), got {self.loss_chunk}")
         for name in ("warmup_steps", "eval_every", "save_every"):
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0) < 0:
                 raise GptlabError(f"train.{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr <= 0:
+        if self.lr is not None and not self.lr > 0:  # also refuses nan
             raise GptlabError(f"train.lr must be > 0, got {self.lr}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise GptlabError(f"train.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
@@ -67,6 +67,11 @@ class TrainConfig:
             raise GptlabError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.distributed not in ("ddp", "fsdp"):
             raise GptlabError(f"train.distributed must be ddp or fsdp, got {self.distributed!r}")
+
+    def resolved(self, default_lr: float) -> TrainConfig:
+        """These settings with the defaults that depend on the run filled in: `lr` (the method's) and warm-up."""
+        warmup = self.warmup_steps if self.warmup_steps is not None else min(100, self.max_steps // 10)
+        return dataclasses.replace(self, lr=self.lr if self.lr is not None else default_lr, warmup_steps=warmup)
 
     @property
     def decay_steps(self) -> int:

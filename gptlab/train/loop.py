@@ -33,6 +33,8 @@ from gptlab.train.config import TrainConfig
 from gptlab.train.metrics import Metrics, flops_per_token, peak_flops
 from gptlab.train.optim import build_optimizer, lr_at
 
+PRETRAIN_LR = 6e-4  # GPT-2 small's, as nanoGPT trains it
+
 
 class Batches(Protocol):
     """Inputs and targets (B, T) as a pure function of the key; targets of -100 are not scored."""
@@ -105,7 +107,7 @@ def _check_out(run: Run) -> dict[str, Any] | None:
 
 def train(run: Run) -> dict[str, Any]:
     """Train until `train.max_steps`; returns the last logged record. Raises GptlabError on a user error or NaN."""
-    cfg = run.train
+    cfg = run.train = run.train.resolved(run.method.lr if run.base is not None else PRETRAIN_LR)
     d = distributed.setup(cfg.device)
     if d.device.type == "cpu":
         tune_for_tensors()  # large tensors reuse freed heap memory instead of page-faulting fresh pages each step

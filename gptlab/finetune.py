@@ -1,0 +1,87 @@
+"""`gptlab finetune` as a function: a base checkpoint, task data and a method -> a fine-tuned run folder.
+
+The command line and the Python API (`gptlab.finetune(...)`) share it: reading and splitting the examples, giving a
+conversation the base's chat template, choosing the method's settings and defaults, and checking the output folder
+all happen here, once.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+from gptlab.checkpoint import check_folder
+from gptlab.config import ModelConfig
+from gptlab.data.builtin_tasks import BUILTIN, builtin_examples
+from gptlab.data.tasks import Example, ExampleBatches, load_examples
+from gptlab.errors import GptlabError
+from gptlab.tokenizer import Tokenizer
+
+
+def task_examples(data: str, task_token: str | None = None, skip_bad_lines: bool = False) -> list[Example]:
+    """A built-in task by name, or a task file; shuffled in a fixed order, so that every rerun splits alike."""
+    examples = builtin_examples(data) if data in BUILTIN else load_examples(data, task_token, skip_bad_lines)
+    random.Random(0).shuffle(examples)
+    return examples
+
+
+def split_examples(examples: list[Example], val_fraction: float) -> tuple[list[Example], list[Example]]:
+    if not 0 <= val_fraction < 1:
+        raise GptlabError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    n_val = max(1, int(len(examples) * val_fraction)) if val_fraction > 0 and len(examples) > 1 else 0
+    return examples[n_val:], examples[:n_val]
+
+
+def check_out(out: Path, base: Path) -> None:
+    """The run folder may not be the base, nor lie inside it (the base must stay as it is)."""
+    o, b = out.resolve(), base.resolve()
+    if o == b or b in o.parents:
+        raise GptlabError(f"--out {out} is the base checkpoint or inside it; choose a folder of its own")
+
+
+def finetune(checkpoint: str | os.PathLike[str], data: str, out: str | os.PathLike[str], method: str = "lora",
+             val_data: str | None = None, val_fraction: float = 0.1, task_token: str | None = None,
+             skip_bad_lines: bool = False, resume: bool = False, progress: bool = True,
+             sections: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Fine-tune `checkpoint` on `data` with `method`; returns the last logged record.
+
+    `sections` holds settings by section, as the command line's flags: `{"train": {"max_steps": 200},
+    "lora": {"r": 16}}`. Unset settings take the method's defaults (its learning rate: `METHODS[m].lr`)."""
+    from gptlab.chat import DEFAULT_TEMPLATE
+    from gptlab.peft import METHODS
+    from gptlab.train.config import SECTIONS, TrainConfig
+    from gptlab.train.loop import Run, train
+
+    if method not in METHODS:
+        raise GptlabError(f"unknown method {method!r}; methods: {', '.join(METHODS)}")
+    base, out = check_folder(checkpoint), Path(out)
+    check_out(out, base)
+    sections = sections or {}
+    tokenizer = Tokenizer.from_folder(base)
+    section = method.replace("-", "_")
+    settings = SECTIONS[section](**sections.get(section, {})) if section in SECTIONS else None
+    chosen = METHODS[method](**(vars(settings) if settings else {}))
+    if getattr(chosen, "init_text", None):
+        chosen.init_ids = tokenizer.encode(chosen.init_text, special=False)
+    config = ModelConfig.from_json(str(base / "config.json"))
+    block_size = config.block_size - chosen.reserved_positions  # virtual tokens take context positions
+    task_token = task_token or BUILTIN.get(data)
+    if task_token and tokenizer.backend.token_to_id(task_token) is None:
+        tokenizer.add_special_tokens([task_token])  # one token, never split; the embedding grows to match
+    train_examples = task_examples(data, task_token, skip_bad_lines)
+    if val_data:
+        val_examples = load_examples(val_data, task_token, skip_bad_lines)
+    else:
+        train_examples, val_examples = split_examples(train_examples, val_fraction)
+    if any(e.chat for e in train_examples + val_examples) and not tokenizer.chat_template:
+        tokenizer.chat_template = DEFAULT_TEMPLATE  # saved with the run, so that serving renders chats alike
+    batches = ExampleBatches({"train": train_examples, "val": val_examples}, tokenizer, block_size)
+    if batches.truncated:
+        print(f"gptlab: {batches.truncated} example(s) longer than the context ({block_size}) were truncated: the "
+              "prompt loses its start first, then the completion its end", file=sys.stderr)
+    run = Run(model=config, train=TrainConfig(**sections.get("train", {})), data=batches, tokenizer=tokenizer,
+              out=out, resume=resume, method=chosen, progress=progress, base=base)
+    return train(run)
