@@ -61,8 +61,8 @@ def main() -> None:
     lora = out / "lora"
     resume = ["--resume"] if (lora / "train_state.pt").exists() else []
     gptlab("finetune", str(run), "--method", "lora", "--data", "stdlib-summaries", "--out", str(lora),
-           "--lora.r", "8", "--train.max_steps", args.finetune_steps, "--train.lr", "0.003", "--train.warmup_steps",
-           "20", "--train.eval_every", "100", "--train.save_every", "100", "--train.log_every", "20", *resume)
+           "--lora.r", "8", "--train.max_steps", args.finetune_steps, "--train.eval_every", "100",
+           "--train.save_every", "100", "--train.log_every", "20", *resume)  # LoRA's default learning rate
     gptlab("generate", str(lora), "--prompt", "def read_file(path): <summarize>", "--max-new-tokens", "40",
            "--temperature", "0", "--stop", "\n")
 

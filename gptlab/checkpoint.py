@@ -111,6 +111,15 @@ def read_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return dict(read_tensors(path))
 
 
+def read_pickled_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A `.bin` of tensors (older Hugging Face and peft folders), loaded with `weights_only=True`: plain tensors only,
+    never arbitrary objects."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise GptlabError(f"cannot read {path} as plain weights: {str(e).splitlines()[0] if str(e) else e!r}") from None
+
+
 def load_model(config: ModelConfig, state: dict[str, torch.Tensor], source: str = WEIGHTS,
                quantization: QuantSpec | None = None) -> GPT:
     """Build the model on the meta device and adopt `state` as its storage: no random init, no second copy."""

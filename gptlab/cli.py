@@ -158,7 +158,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from gptlab.finetune import finetune
+    from gptlab.finetuning import finetune
     from gptlab.train.config import merge_sections
 
     if not args.data or not args.out:
@@ -193,7 +193,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from gptlab.api import load
     from gptlab.data.loader import TokenShards
     from gptlab.evaluate import evaluate_task, perplexity
-    from gptlab.finetune import task_examples
+    from gptlab.finetuning import task_examples
     from gptlab.prompts import resolve_template
 
     llm = load(args.checkpoint, device=args.device)

@@ -85,10 +85,11 @@ class Tokenizer:
         folder = Path(folder)
         backend = _read_backend(folder / TOKENIZER)
         config = read_json_object(folder / TOKENIZER_CONFIG)
+        older = read_json_object(folder / "special_tokens_map.json")  # where older folders name them
         generation = read_json_object(folder / GENERATION_CONFIG)
-        if not config:
+        if not config and not older:
             return cls(backend, None, stop_list(generation.get("eos_token_id")), _read_template(folder, config))
-        specials = {name: _token_text(config.get(name)) for name in SPECIAL_NAMES}
+        specials = {name: _token_text(config.get(name, older.get(name))) for name in SPECIAL_NAMES}
         named = [t for t in specials.values() if t is not None]
         for name, token in specials.items():  # a named special token must exist before it can be added as one
             if token is not None and backend.token_to_id(token) is None:

@@ -43,6 +43,13 @@ def test_presets_table_and_json(capsys):
     assert "3.9GB" in out.splitlines()[2]  # Llama-2-7B in gptlab's own NF4 (the course's table: 3.9 GB)
 
 
+def test_a_closed_pipe_ends_quietly():
+    """`gptlab presets --json | true`: the reader left before the output came; no traceback, as Unix tools."""
+    done = subprocess.run(f"{sys.executable} -m gptlab presets --json | true", shell=True, capture_output=True,
+                          text=True)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
 def test_own_nf4_size_is_what_a_quantized_checkpoint_holds(capsys, tokenizer, tmp_path):
     """The presets table's `nf4 (gptlab)` counts the layout a quantized checkpoint really stores."""
     from gptlab.checkpoint import read_weights, save_checkpoint

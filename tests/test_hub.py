@@ -19,6 +19,8 @@ from gptlab.checkpoint import load_checkpoint
 from .conftest import make_hf_gpt2
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
+TEMPLATE = "{% for m in messages %}### {{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}### " \
+           "assistant:{% endif %}"
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +28,7 @@ def hub(tmp_path_factory, tokenizer):
     """A local server with one repository, me/tiny-gpt2, made from a random GPT-2 built here."""
     folder = tmp_path_factory.mktemp("repo")
     model = make_hf_gpt2(folder, tokenizer, n_layer=1, n_head=2, n_embd=32, n_positions=64, vocab_size=320)
+    (folder / "chat_template.jinja").write_text(TEMPLATE)  # as transformers saves a chat model's template
     files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
     requests: list[str] = []
 
@@ -85,7 +88,9 @@ def test_download_and_import_from_a_hub(hub, tmp_path):
     done = gptlab("download", "me/tiny-gpt2", "--out", str(tmp_path / "ckpt"), env=env)
     assert done.returncode == 0, done.stderr
     assert any(r.startswith("/me/tiny-gpt2/resolve/") for r in requests)  # it really came over HTTP
-    ours, _ = load_checkpoint(tmp_path / "ckpt")
+    ours, tok = load_checkpoint(tmp_path / "ckpt")
+    assert tok.chat_template == TEMPLATE and (tmp_path / "ckpt" / "chat_template.jinja").read_text() == TEMPLATE
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["source"] == "me/tiny-gpt2"
     idx = torch.randint(0, 320, (1, 10))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx), model(idx).logits, atol=1e-5, rtol=1e-5)

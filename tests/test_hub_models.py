@@ -244,7 +244,7 @@ def random_lora(model) -> None:
             torch.nn.init.normal_(p, std=0.2)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "mistral", "gemma"])
 def test_peft_adapters_both_ways(tmp_path, tokenizer, kind, capsys):
     """`export peft` of a LoRA run loads with `PeftModel.from_pretrained` onto the exported base with equal logits;
     `import peft` reads it back, and reads an adapter that peft itself made (other targets, ranks per module)."""
@@ -278,7 +278,7 @@ def test_peft_adapters_both_ways(tmp_path, tokenizer, kind, capsys):
     targets = ["c_attn"] if kind == "gpt2" else ["q_proj", "v_proj", "down_proj"]
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, fan_in_fan_out=kind == "gpt2",
                           init_lora_weights=False, rank_pattern={targets[-1]: 2}, alpha_pattern={targets[-1]: 3},
-                          use_rslora=kind == "llama", layers_to_transform=[1] if kind == "llama" else None)
+                          use_rslora=kind == "llama", layers_to_transform=[1] if kind != "gpt2" else None)
     theirs = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base-hf"), cfg).eval()
     theirs.save_pretrained(tmp_path / "theirs")
     assert main(["import", "peft", str(tmp_path / "theirs"), str(tmp_path / "theirs-gptlab"), "--base",

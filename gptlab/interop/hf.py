@@ -16,7 +16,15 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
 
-from gptlab.checkpoint import check_folder, load_checkpoint, load_model, model_state, read_weights, save_checkpoint
+from gptlab.checkpoint import (
+    check_folder,
+    load_checkpoint,
+    load_model,
+    model_state,
+    read_pickled_weights,
+    read_weights,
+    save_checkpoint,
+)
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
 from gptlab.files import atomic_write_text, read_json_object, write_folder
@@ -100,10 +108,7 @@ def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
             state.update(read_weights(src / shard))
         return state
     if (src / "pytorch_model.bin").is_file():
-        try:
-            return torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise GptlabError(f"cannot read {src / 'pytorch_model.bin'} as plain weights: {e}") from None
+        return read_pickled_weights(src / "pytorch_model.bin")
     raise GptlabError(f"{src} has no weights (model.safetensors, model.safetensors.index.json or pytorch_model.bin)")
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from gptlab.checkpoint import check_folder, read_weights
+from gptlab.checkpoint import check_folder, read_pickled_weights, read_weights
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
 from gptlab.files import atomic_write_text, read_json_object, write_folder
@@ -118,10 +118,7 @@ def _peft_weights(src: Path) -> dict[str, torch.Tensor]:
     if (src / PEFT_WEIGHTS).is_file():
         return read_weights(src / PEFT_WEIGHTS)
     if (src / "adapter_model.bin").is_file():
-        try:
-            return torch.load(src / "adapter_model.bin", map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise GptlabError(f"cannot read {src / 'adapter_model.bin'} as plain weights: {e}") from None
+        return read_pickled_weights(src / "adapter_model.bin")
     raise GptlabError(f"{src} has no adapter weights ({PEFT_WEIGHTS})")
 
 

@@ -34,7 +34,7 @@ class AdaptionPrompt(nn.Module):
 
 class LlamaAdapter(SmallMethod):
     name = "llama-adapter"
-    lr = 5e-3  # zero-initialised gates must open first
+    lr = 9e-3  # zero-initialised gates must open first (the LLaMA-Adapter paper's rate)
 
     def __init__(self, virtual_tokens: int = 10, layers: int = 8) -> None:
         if virtual_tokens < 1 or layers < 1:
