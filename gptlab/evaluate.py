@@ -74,7 +74,7 @@ def evaluate_task(llm: LLM, examples: Sequence[Example], template: str | None = 
     for ex in tests:
         if ex.messages is not None:  # a conversation: the model's chat template, the reply ends at its end of turn
             ids = tok.encode_chat(ex.messages[:-1], add_generation_prompt=True)[-(ctx - 1):]
-            stop, stop_ids = ["\n", *tok.chat_stop_strings], tok.chat_stop_ids
+            stop, stop_ids = tok.chat_stop_strings, tok.chat_stop_ids  # a reply may have many lines
         else:
             prompt = build_prompt(template, source_of(ex), demos, lang) if template else ex.prompt
             ids = llm.engine.encode(prompt)
