@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +52,30 @@ def read_json_object(path: str | os.PathLike[str], missing_ok: bool = True) -> d
     return data
 
 
-def write_folder(out: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
-    """Build a folder in a staging folder beside `out`, then rename it into place: `out` appears whole or not at
-    all. `out` must not exist, or be an empty folder."""
+def check_outside(out: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]]) -> None:
+    """An output may not be one of a command's inputs, nor lie inside one: the inputs stay as they are."""
+    o = Path(out).resolve()
+    for src in inputs:
+        s = Path(src).resolve()
+        if o == s or s in o.parents:
+            raise GptlabError(f"{out} is {src} or inside it; write the output to a folder of its own (nothing was "
+                              "written)")
+
+
+def check_new_folder(out: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]] = ()) -> Path:
+    """`out` must not exist, or be an empty folder, and may not lie inside any of `inputs`."""
     out = Path(out)
+    check_outside(out, inputs)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise GptlabError(f"{out} already exists and is not empty; choose a new folder (nothing was written)")
+    return out
+
+
+def write_folder(out: str | os.PathLike[str], write: Callable[[Path], None],
+                 inputs: Sequence[str | os.PathLike[str]] = ()) -> Path:
+    """Build a folder in a staging folder beside `out`, then rename it into place: `out` appears whole or not at
+    all (`check_new_folder` first)."""
+    out = check_new_folder(out, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -18,6 +18,7 @@ from gptlab.config import ModelConfig
 from gptlab.data.builtin_tasks import BUILTIN, builtin_examples
 from gptlab.data.tasks import Example, ExampleBatches, load_examples
 from gptlab.errors import GptlabError
+from gptlab.files import check_outside
 from gptlab.tokenizer import Tokenizer
 
 
@@ -33,13 +34,6 @@ def split_examples(examples: list[Example], val_fraction: float) -> tuple[list[E
         raise GptlabError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     n_val = max(1, int(len(examples) * val_fraction)) if val_fraction > 0 and len(examples) > 1 else 0
     return examples[n_val:], examples[:n_val]
-
-
-def check_out(out: Path, base: Path) -> None:
-    """The run folder may not be the base, nor lie inside it (the base must stay as it is)."""
-    o, b = out.resolve(), base.resolve()
-    if o == b or b in o.parents:
-        raise GptlabError(f"--out {out} is the base checkpoint or inside it; choose a folder of its own")
 
 
 def finetune(checkpoint: str | os.PathLike[str], data: str, out: str | os.PathLike[str], method: str = "lora",
@@ -58,7 +52,7 @@ def finetune(checkpoint: str | os.PathLike[str], data: str, out: str | os.PathLi
     if method not in METHODS:
         raise GptlabError(f"unknown method {method!r}; methods: {', '.join(METHODS)}")
     base, out = check_folder(checkpoint), Path(out)
-    check_out(out, base)
+    check_outside(out, [base, data] if Path(data).exists() else [base])
     sections = sections or {}
     tokenizer = Tokenizer.from_folder(base)
     section = method.replace("-", "_")

@@ -84,7 +84,9 @@ class TextStream:
     Decoding is incremental, as vLLM's detokenizer does it: each new token is decoded together with the tokens just
     before it (the end of the prompt, to begin with) and only the text it adds is kept. So a token costs the same at
     the 10,000th position as at the first, and the space a SentencePiece tokenizer drops at the start of a decode is
-    kept (`" left"` after `"The train"`, not `"left"`). A row ends at any of `stop_ids` (not shown) or a stop string.
+    kept (`" left"` after `"The train"`, not `"left"`); a run of byte-fallback pieces waits for its end, so that its
+    bytes become the same characters (or the same replacement marks) as in one decode of the whole text. A row ends at
+    any of `stop_ids` (not shown) or a stop string.
     """
 
     CONTEXT = 4  # prompt tokens the first new token is decoded after
@@ -114,6 +116,8 @@ class TextStream:
             self.done, self.finish_reason = True, "stop"
             return self._release(len(self.text))
         self._window.append(token)
+        if token in self.tokenizer.byte_tokens:  # a run of byte pieces decodes as a whole, as one decode would
+            return ""
         return self._advance(final=False)
 
     def _advance(self, final: bool) -> str:

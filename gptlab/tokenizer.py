@@ -182,6 +182,14 @@ class Tokenizer:
         return {i: t.special for i, t in self.backend.get_added_tokens_decoder().items()}
 
     @cached_property
+    def byte_tokens(self) -> frozenset[int]:
+        """The `<0x00>`..`<0xFF>` pieces of a byte-fallback BPE (SentencePiece-style, gptlab's character tokenizer):
+        its decoder turns a run of them into text together, so a run is only text once it has ended."""
+        if not getattr(self.backend.model, "byte_fallback", False):
+            return frozenset()
+        return frozenset(i for b in range(256) if (i := self.backend.token_to_id(f"<0x{b:02X}>")) is not None)
+
+    @cached_property
     def affixes(self) -> tuple[list[int], list[int]]:
         """The ids the post-processor puts before and after a text (a BOS, rarely an EOS)."""
         probe = "a b"

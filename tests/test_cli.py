@@ -116,7 +116,7 @@ def bad_inputs(hf_pair, tmp_path):
         "bad yaml": (["generate", c, "--config", str(badyaml)], "not valid YAML"),
         "unknown yaml key": (["generate", c, "--config", str(unknown)], "unknown option(s) temprature"),
         "bad device": (["generate", c, "--device", "tpu"], "unknown device"),
-        "export over a folder": (["export", "hf", c, c], "not empty"),
+        "export over its input": (["export", "hf", c, c], "or inside it"),
         "serve a missing folder": (["serve", str(tmp_path / "nope")], "does not exist"),
         "serve with no slots": (["serve", c, "--max-concurrency", "0"], "--max-concurrency must be >= 1"),
     }

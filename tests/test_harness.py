@@ -74,8 +74,24 @@ def same(a, b) -> bool:
     return a == b
 
 
-def test_scores_equal_the_harness_hf_model_on_the_exported_copy(hf_pair, tasks_dir, tmp_path, monkeypatch):
-    _, ckpt = hf_pair
+@pytest.fixture(scope="module")
+def llama_ckpt(tmp_path_factory, tokenizer):
+    """An imported Llama whose tokenizer, of Llama 2's shape, starts every text with its BOS <s>."""
+    from gptlab.interop.hf import import_hf
+
+    from .test_hub_models import make_family
+
+    root = tmp_path_factory.mktemp("llama")
+    folder, _, _ = make_family("mistral", root, tokenizer)
+    return import_hf(folder, root / "ckpt")
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_scores_equal_the_harness_hf_model_on_the_exported_copy(hf_pair, llama_ckpt, tasks_dir, tmp_path,
+                                                               monkeypatch, kind):
+    """GPT-2 (no BOS) and a Llama whose tokenizer adds one: the BOS rule, the prefix token, the stop ids as the
+    harness's `hf` model has them."""
+    ckpt = hf_pair[1] if kind == "gpt2" else llama_ckpt
     export_hf(ckpt, tmp_path / "hf")
     ours = evaluate("gptlab", {"checkpoint": str(ckpt)}, tasks_dir, monkeypatch)
     theirs = evaluate("hf", {"pretrained": str(tmp_path / "hf"), "dtype": "float32"}, tasks_dir, monkeypatch)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -325,6 +326,16 @@ def test_bad_tokenizers_templates_and_adapters(tmp_path, tokenizer, capsys):
     bad["not-lora"] = (["export", "peft", str(tmp_path / "g" / "adapter"), str(tmp_path / "out" / "y")],
                        "is not a LoRA run")
     bad["no-base"] = (["import", "peft", str(tmp_path / "g" / "peft"), str(tmp_path / "out" / "z")], "--base")
+    inside = {  # an output inside an input: refused before anything is written
+        "peft-into-base": ["import", "peft", str(tmp_path / "g" / "peft"), str(tmp_path / "g" / "ckpt" / "lora"),
+                           "--base", str(tmp_path / "g" / "ckpt")],
+        "peft-into-run": ["export", "peft", str(tmp_path / "g" / "lora"), str(tmp_path / "g" / "lora" / "peft")],
+        "hf-into-ckpt": ["export", "hf", str(tmp_path / "ckpt"), str(tmp_path / "ckpt" / "hf")],
+        "import-into-src": ["import", "hf", str(folder), str(folder / "gptlab")],
+        "finetune-into-base": ["finetune", str(tmp_path / "g" / "ckpt"), "--data", str(data), "--out",
+                               str(tmp_path / "g" / "ckpt" / "run"), "--quiet"],
+    }
+    bad.update({name: (argv, "or inside it") for name, argv in inside.items()})
     gemma = tmp_path / "gemma"
     make_family("gemma", gemma, tokenizer)
     assert main(["import", "hf", str(gemma / "hf"), str(gemma / "ckpt")]) == 0
@@ -340,3 +351,5 @@ def test_bad_tokenizers_templates_and_adapters(tmp_path, tokenizer, capsys):
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err, (name, err)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    for argv in inside.values():
+        assert not Path(argv[3] if argv[0] != "finetune" else argv[-2]).exists(), argv

@@ -27,7 +27,7 @@ from gptlab.checkpoint import (
 )
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
-from gptlab.files import atomic_write_text, read_json_object, write_folder
+from gptlab.files import atomic_write_text, check_new_folder, read_json_object, write_folder
 from gptlab.interop import llama
 from gptlab.model import GPT
 from gptlab.tokenizer import GENERATION_CONFIG, SPECIAL_NAMES, TOKENIZER, TOKENIZER_CONFIG, Tokenizer, stop_list
@@ -127,18 +127,16 @@ def read_hf_tokenizer(src: Path) -> Tokenizer:
     generation = read_json_object(src / GENERATION_CONFIG)
     stops = generation.get("eos_token_id", read_json_object(src / "config.json").get("eos_token_id"))
     config = read_json_object(src / TOKENIZER_CONFIG)
-    if (src / TOKENIZER).is_file() and config.get("tokenizer_class") in GENERIC_TOKENIZERS:
-        tok = Tokenizer.from_folder(src)
-        return Tokenizer(tok.backend, tok.specials if config else None, stop_list(stops), tok.chat_template)
-    via = _via_transformers(src, stops)
-    if via is not None:
+    generic = config.get("tokenizer_class") in GENERIC_TOKENIZERS
+    if not generic and (via := _via_transformers(src, stops)) is not None:
         return via
     if (src / TOKENIZER).is_file():
-        print(f"gptlab: note: transformers is not installed, so the tokenizer of {src} is read from its "
-              f"{TOKENIZER} as it is; transformers' {config.get('tokenizer_class')} may split some texts otherwise "
-              "(pip install transformers, then import again, for its exact ids)", file=sys.stderr)
+        if not generic:
+            print(f"gptlab: note: transformers is not installed, so the tokenizer of {src} is read from its "
+                  f"{TOKENIZER} as it is; transformers' {config.get('tokenizer_class')} may split some texts "
+                  "otherwise (pip install transformers, then import again, for its exact ids)", file=sys.stderr)
         tok = Tokenizer.from_folder(src)
-        return Tokenizer(tok.backend, tok.specials, stop_list(stops), tok.chat_template)
+        return Tokenizer(tok.backend, tok.specials, stop_list(stops), tok.chat_template)  # config.json's stops too
     if (src / "vocab.json").is_file() and (src / "merges.txt").is_file():
         return Tokenizer.from_vocab_merges(src / "vocab.json", src / "merges.txt")
     if (src / "tokenizer.model").is_file():
@@ -171,9 +169,8 @@ def _via_transformers(src: Path, stops: Any) -> Tokenizer | None:
 def import_hf(src: str | os.PathLike[str], out: str | os.PathLike[str], source: str | None = None) -> Path:
     """A Hugging Face model folder (GPT-2, Llama, Mistral, Gemma) -> a gptlab checkpoint folder, tokenizer included:
     its special tokens, BOS rule, stop ids and chat template, as transformers reads them."""
-    src, out = check_folder(src, required=("config.json",)), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise GptlabError(f"{out} already exists and is not empty; choose a new folder (nothing was written)")
+    src = check_folder(src, required=("config.json",))
+    out = check_new_folder(out, [src])  # before the weights are read
     hf_config = read_json_object(src / "config.json", missing_ok=False)
     config = config_from_hf(hf_config)
     tokenizer = read_hf_tokenizer(src)
@@ -194,7 +191,7 @@ def import_hf(src: str | os.PathLike[str], out: str | os.PathLike[str], source: 
         state.pop("lm_head.weight", None)
     model = load_model(config, state, f"the weights in {src}")
     source = source or str(src.resolve())
-    return write_folder(out, lambda folder: save_checkpoint(folder, model, tokenizer, source=source))
+    return write_folder(out, lambda folder: save_checkpoint(folder, model, tokenizer, source=source), [src])
 
 
 def export_hf(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
@@ -229,4 +226,4 @@ def export_hf(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]) -
                            ("special_tokens_map.json", specials)):
             atomic_write_text(folder / name, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
-    return write_folder(out, write)
+    return write_folder(out, write, [checkpoint])

@@ -106,7 +106,7 @@ def export_peft(run: str | os.PathLike[str], out: str | os.PathLike[str]) -> Pat
         save_file(state, str(folder / PEFT_WEIGHTS), metadata={"format": "pt"})
         atomic_write_text(folder / PEFT_CONFIG, json.dumps(peft_config, indent=2) + "\n")
 
-    return write_folder(out, write)
+    return write_folder(out, write, [run, base])
 
 
 def _source(base: Path) -> str | None:
@@ -179,7 +179,7 @@ def import_peft(src: str | os.PathLike[str], base: str | os.PathLike[str], out: 
         atomic_write_text(folder / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
         tokenizer.save_folder(folder)
 
-    return write_folder(out, write)
+    return write_folder(out, write, [src, base])
 
 
 def _our_layer(name: str, gpt2: bool, cfg: ModelConfig, src: Path, base: Path) -> tuple[str, int]:
