@@ -41,10 +41,29 @@ class ModelConfig:
     head_size: int | None = None  # per-head width when it is not n_embd / n_head (Gemma 7B)
     sliding_window: int | None = None  # each query sees at most this many positions back (Mistral)
     embed_scale: bool = False  # token embeddings times sqrt(n_embd), as Gemma
+    # Families since 2024 (defaults leave every earlier model unchanged):
+    qkv_bias: bool | None = None  # biases on q, k and v only (Qwen2: True with bias False); None follows `bias`
+    rope_scaling: dict[str, Any] | None = None  # transformers' rope_parameters past rope_theta: {"rope_type":
+    #     "llama3" | "linear" | "dynamic" | "yarn" | "longrope", ...} (Llama 3.1+, Phi-3/4 long context, Qwen YaRN)
+    rotary_fraction: float = 1.0  # the share of each head's dimensions that rotate (Phi-4-mini 0.75)
+    rope_local_theta: float | None = None  # rope base of the sliding-window layers, unscaled (Gemma 3)
+    nope_layers: list[int] | None = None  # layers with no positional encoding at all (SmolLM3)
+    layer_types: list[str] | None = None  # "sliding_attention" | "full_attention" per layer (Gemma 2/3, Qwen2);
+    #     None: every layer slides when sliding_window is set (Mistral, Phi-3)
+    qk_norm: str | None = None  # RMSNorm of q and k: "head" per head (Qwen3, Gemma 3), "all" per projection (OLMo 2)
+    block_norms: str = "pre"  # "pre": x + f(norm(x)) (GPT-2, Llama); "post": norm(x + f(x)) and no final norm
+    #     (GPT-1); "output": x + norm(f(x)) (OLMo 2); "both": x + norm(f(norm(x))) (Gemma 2/3)
+    attn_scalar: float | None = None  # scores scaled by attn_scalar ** -0.5, not head_dim's (Gemma 2/3)
+    attn_softcap: float | None = None  # attention scores through cap * tanh(score / cap) (Gemma 2)
+    logit_softcap: float | None = None  # output logits through cap * tanh(logit / cap) (Gemma 2)
     name: str = field(default="custom", compare=False)
+    family: str | None = field(default=None, compare=False)  # the transformers model_type export hf writes (import
+    #     and presets set it); None: the first family that holds the shape exactly
 
     def __post_init__(self) -> None:
         self.validate()
+        if self.head_size and self.head_size * self.n_head == self.n_embd:
+            self.head_size = None  # one spelling for one shape, so that equal shapes compare equal
 
     @property
     def head_dim(self) -> int:
@@ -53,6 +72,24 @@ class ModelConfig:
     @property
     def kv_heads(self) -> int:
         return self.n_kv_head or self.n_head
+
+    @property
+    def rotary_dims(self) -> int:
+        """Dimensions of each head that rotary embeddings turn (an even number)."""
+        return int(self.head_dim * self.rotary_fraction)
+
+    @property
+    def attention_bias(self) -> bool:
+        return self.bias if self.qkv_bias is None else self.qkv_bias
+
+    def layer_type(self, layer: int) -> str:
+        """A layer's attention kind, named as transformers names it: sliding_attention or full_attention."""
+        if self.layer_types is not None:
+            return self.layer_types[layer]
+        return "sliding_attention" if self.sliding_window else "full_attention"
+
+    def layer_window(self, layer: int) -> int | None:
+        return self.sliding_window if self.layer_type(layer) == "sliding_attention" else None
 
     @property
     def hidden_dim(self) -> int:
@@ -79,6 +116,32 @@ class ModelConfig:
             raise GptlabError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.mlp_hidden is not None and self.mlp_hidden <= 0:
             raise GptlabError(f"model.mlp_hidden must be positive, got {self.mlp_hidden}")
+        for name, allowed in (("qk_norm", (None, "head", "all")), ("block_norms", ("pre", "post", "output", "both"))):
+            if getattr(self, name) not in allowed:
+                raise GptlabError(f"model.{name} must be one of {', '.join(map(str, allowed))}, "
+                                  f"got {getattr(self, name)!r}")
+        for name in ("attn_scalar", "attn_softcap", "logit_softcap", "rope_local_theta", "sliding_window"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise GptlabError(f"model.{name} must be a positive number or null, got {value!r}")
+        if not isinstance(self.rotary_fraction, (int, float)) or not 0 < self.rotary_fraction <= 1 or \
+                self.rotary_dims % 2:
+            raise GptlabError(f"model.rotary_fraction must be in (0, 1] and turn an even number of the "
+                              f"{self.head_dim} head dimensions, got {self.rotary_fraction!r}")
+        if self.layer_types is not None:
+            if not isinstance(self.layer_types, list) or len(self.layer_types) != self.n_layer or \
+                    set(self.layer_types) - {"sliding_attention", "full_attention"}:
+                raise GptlabError(f"model.layer_types must list sliding_attention or full_attention for each of the "
+                                  f"{self.n_layer} layers, got {self.layer_types!r}")
+            if "sliding_attention" in self.layer_types and not self.sliding_window:
+                raise GptlabError("model.layer_types has sliding_attention layers but model.sliding_window is not set")
+        if self.nope_layers is not None and (not isinstance(self.nope_layers, list) or any(
+                not isinstance(i, int) or not 0 <= i < self.n_layer for i in self.nope_layers)):
+            raise GptlabError(f"model.nope_layers must list layer numbers below {self.n_layer}, "
+                              f"got {self.nope_layers!r}")
+        from gptlab.rope import check_scaling  # the rotary module knows each rope_type's parameters
+
+        check_scaling(self.rope_scaling)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -112,21 +175,35 @@ class ModelConfig:
         return cls(**{**PRESETS[name], "name": name, **overrides})
 
 
-def _gpt(n_layer: int, n_head: int, n_embd: int, block_size: int, family: str) -> dict[str, Any]:
+def _gpt(n_layer: int, n_head: int, n_embd: int, block_size: int, series: str) -> dict[str, Any]:
     return dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=50257,
-                family=family)
+                series=series)
 
 
 def _llama(n_layer: int, n_head: int, n_embd: int, n_kv_head: int, mlp_hidden: int, vocab_size: int,
-           block_size: int, family: str, **extra: Any) -> dict[str, Any]:
+           block_size: int, series: str, **extra: Any) -> dict[str, Any]:
     return {**dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_kv_head=n_kv_head, mlp_hidden=mlp_hidden,
                    vocab_size=vocab_size, block_size=block_size, bias=False, tie_embeddings=False, pos="rope",
-                   norm="rmsnorm", mlp="swiglu", family=family), **extra}
+                   norm="rmsnorm", mlp="swiglu", series=series), **extra}
 
 
 _GEMMA = dict(head_size=256, mlp="geglu", norm_offset=True, embed_scale=True, tie_embeddings=True, norm_eps=1e-6)
+# Llama 3.1+'s rotary scaling, as its config.json writes it
+_LLAMA3_ROPE = dict(rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                                                           high_freq_factor=4.0, original_max_position_embeddings=8192))
+_QWEN = dict(rope_theta=1e6, tie_embeddings=True, norm_eps=1e-6)
 
-# name -> ModelConfig fields (plus "family", used only for the presets table).
+
+def _qwen3(n_layer: int, n_head: int, n_embd: int, mlp_hidden: int, series: str) -> dict[str, Any]:
+    return _llama(n_layer, n_head, n_embd, 8, mlp_hidden, 151936, 40960, series, head_size=128, qk_norm="head",
+                  family="qwen3", **_QWEN)
+
+
+def _smollm2(n_layer: int, n_head: int, n_embd: int, n_kv_head: int, mlp_hidden: int, theta: float) -> dict[str, Any]:
+    return _llama(n_layer, n_head, n_embd, n_kv_head, mlp_hidden, 49152, 8192, "SmolLM2", rope_theta=theta,
+                  tie_embeddings=True, norm_eps=1e-5, family="llama")
+
+# name -> ModelConfig fields (plus "series", the row's group in the presets table).
 _PRESET_TABLE: dict[str, dict[str, Any]] = {
     # GPT-2 as released by OpenAI and mirrored on the Hugging Face hub.
     "gpt2": _gpt(12, 12, 768, 1024, "GPT-2"),
@@ -151,13 +228,47 @@ _PRESET_TABLE: dict[str, dict[str, Any]] = {
     "mistral-7b": _llama(32, 32, 4096, 8, 14336, 32000, 32768, "Mistral", sliding_window=4096),
     "gemma-2b": _llama(18, 8, 2048, 1, 16384, 256000, 8192, "Gemma", **_GEMMA),
     "gemma-7b": _llama(28, 16, 3072, 16, 24576, 256000, 8192, "Gemma", **_GEMMA),
+    # The small open models people fine-tune today, as their config.json files give them.
+    "llama-3.2-1b": _llama(16, 32, 2048, 8, 8192, 128256, 131072, "Llama-3", tie_embeddings=True, norm_eps=1e-5,
+                           family="llama", **_LLAMA3_ROPE),
+    "llama-3.2-3b": _llama(28, 24, 3072, 8, 8192, 128256, 131072, "Llama-3", tie_embeddings=True, norm_eps=1e-5,
+                           family="llama", **_LLAMA3_ROPE),
+    "qwen2.5-0.5b": _llama(24, 14, 896, 2, 4864, 151936, 32768, "Qwen2.5", qkv_bias=True, family="qwen2", **_QWEN),
+    "qwen2.5-1.5b": _llama(28, 12, 1536, 2, 8960, 151936, 32768, "Qwen2.5", qkv_bias=True, family="qwen2", **_QWEN),
+    "qwen2.5-3b": _llama(36, 16, 2048, 2, 11008, 151936, 32768, "Qwen2.5", qkv_bias=True, family="qwen2", **_QWEN),
+    "qwen3-0.6b": _qwen3(28, 16, 1024, 3072, "Qwen3"),
+    "qwen3-1.7b": _qwen3(28, 16, 2048, 6144, "Qwen3"),
+    "qwen3-4b": _qwen3(36, 32, 2560, 9728, "Qwen3"),
+    # Gemma 2: query_pre_attn_scalar equals head_dim (256), so no attn_scalar
+    "gemma-2-2b": _llama(26, 8, 2304, 4, 9216, 256000, 8192, "Gemma 2", **_GEMMA, block_norms="both",
+                         attn_softcap=50.0, logit_softcap=30.0, sliding_window=4096, family="gemma2",
+                         layer_types=["sliding_attention", "full_attention"] * 13),
+    "gemma-3-1b": _llama(26, 4, 1152, 1, 6912, 262144, 32768, "Gemma 3", **_GEMMA, block_norms="both",
+                         qk_norm="head", rope_theta=1e6, rope_local_theta=10000.0, sliding_window=512,
+                         family="gemma3_text", layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 4
+                         + ["sliding_attention"] * 2),
+    "phi-3-mini": _llama(32, 32, 3072, 32, 8192, 32064, 4096, "Phi-3", norm_eps=1e-5, sliding_window=2047,
+                         family="phi3"),
+    # Phi-4-mini at its original context (4096): the LongRoPE factors for 128K come with its weights (import hf)
+    "phi-4-mini": _llama(32, 24, 3072, 8, 8192, 200064, 4096, "Phi-4", norm_eps=1e-5, tie_embeddings=True,
+                         rotary_fraction=0.75, family="phi3"),
+    "smollm2-135m": _smollm2(30, 9, 576, 3, 1536, 100000.0),
+    "smollm2-360m": _smollm2(32, 15, 960, 5, 2560, 100000.0),
+    "smollm2-1.7b": _smollm2(24, 32, 2048, 32, 8192, 130000.0),
+    "smollm3-3b": _llama(36, 16, 2048, 4, 11008, 128256, 65536, "SmolLM3", rope_theta=5e6, tie_embeddings=True,
+                         norm_eps=1e-6, nope_layers=list(range(3, 36, 4)), family="smollm3"),
+    "olmo-2-1b": _llama(16, 16, 2048, 16, 8192, 100352, 4096, "OLMo 2", rope_theta=500000.0, norm_eps=1e-6,
+                        qk_norm="all", block_norms="output", family="olmo2"),
+    # GPT-1 (Radford et al. 2018), the course's first GPT: 12 post-LayerNorm blocks, 768 wide, context 512
+    "gpt1": dict(n_layer=12, n_head=12, n_embd=768, block_size=512, vocab_size=40478, block_norms="post",
+                 family="openai-gpt", series="GPT-1"),
     "tiny-llama": _llama(2, 4, 64, 2, 172, 512, 256, "tiny"),
     # Small shapes for laptops and tests.
-    "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=128, vocab_size=512, family="tiny"),
-    "small-cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=512, family="tiny"),
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=128, vocab_size=512, series="tiny"),
+    "small-cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=512, series="tiny"),
 }
 
-PRESET_FAMILY: dict[str, str] = {name: fields["family"] for name, fields in _PRESET_TABLE.items()}
+PRESET_FAMILY: dict[str, str] = {name: fields["series"] for name, fields in _PRESET_TABLE.items()}
 PRESETS: dict[str, dict[str, Any]] = {
-    name: {k: v for k, v in fields.items() if k != "family"} for name, fields in _PRESET_TABLE.items()
+    name: {k: v for k, v in fields.items() if k != "series"} for name, fields in _PRESET_TABLE.items()
 }

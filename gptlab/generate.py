@@ -190,7 +190,9 @@ class Engine:
         Prompts of different lengths are left-padded; each row's positions start at 0 on its first real token, as in
         Hugging Face's batched generation. A prompt must be shorter than the context. When prompt and new tokens
         fill the context, generation goes on from the last half of the context (the first tokens slide out, as when
-        nanoGPT crops its input), so a model with a short context can still write a long text.
+        nanoGPT crops its input), so a model with a short context can still write a long text. A LongRoPE model
+        (Phi-3/4) prefills again when its rows pass the original context, as transformers does, so that every key
+        is then turned by the long factors.
         """
         for p in prompts:
             self.check_prompt(p)
@@ -214,7 +216,8 @@ class Engine:
                     finished |= torch.isin(token, stops)
                     if bool(finished.all()):
                         return
-            rows = [row[-keep:] for row in rows]
+            if max(map(len, rows)) >= self.context:
+                rows = [row[-keep:] for row in rows]
 
     def _window(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingParams,
                 generator: torch.Generator | None) -> Iterator[torch.Tensor]:
@@ -224,6 +227,9 @@ class Engine:
         lens = torch.tensor([len(p) for p in prompts], device=dev)  # (B,)
         T0 = int(lens.max())
         steps = min(max_new_tokens, self.context - T0)
+        scaling = cfg.rope_scaling or {}
+        if scaling.get("rope_type") == "longrope" and T0 <= scaling["original_max_position_embeddings"]:
+            steps = min(steps, scaling["original_max_position_embeddings"] + 1 - T0)  # then prefill with long factors
         use_graph = dev.type == "cuda" and self.cuda_graphs and steps > 1
         graphed = self._graphed_step(B, T0 + steps) if use_graph else None
         cache = graphed.cache if graphed else KVCache(cfg, B, T0 + steps, dev, self.model.transformer.wte.weight.dtype)

@@ -3,7 +3,9 @@
 GPT-2's architecture (Radford et al. 2019), as nanoGPT writes it: learned positions, pre-LayerNorm blocks, causal
 self-attention through `scaled_dot_product_attention`, a GELU-tanh MLP and an output head tied to the token embedding.
 Parameter names match nanoGPT and Hugging Face's GPT-2 (`transformer.h.0.attn.c_attn.weight`, ...) so that moving
-weights between them is a transpose, not a renaming table.
+weights between them is a transpose, not a renaming table. The open families since (Llama, Mistral, Gemma, Qwen, Phi,
+OLMo, SmolLM) and GPT-1 are the same forward pass with config fields switched on: rotary positions, RMSNorm, gated
+MLPs, grouped-query and sliding-window attention, q/k norms, norms after each sub-layer, soft-capping.
 
 Generation does not live here: the engine in `generate.py` owns a `KVCache` and passes it to `forward`.
 """
@@ -22,8 +24,9 @@ from torch.utils.checkpoint import checkpoint
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
 from gptlab.loss import linear_cross_entropy
+from gptlab.rope import Rope, apply_rope, inverse_frequencies, rope_tables
 
-Rope = tuple[torch.Tensor, torch.Tensor]  # cos and sin tables (B, 1, T, hs)
+Ropes = dict[str, Rope]  # the rotary tables of this forward, by layer kind ("full_attention", "sliding_attention")
 
 
 class KVCache:
@@ -45,20 +48,21 @@ class KVCache:
         self.max_len = max_len
         self.batch_size = batch_size
         self.slot_ids: torch.Tensor | None = None
-        self.mask: torch.Tensor | None = None
+        self.masks: dict[int | None, torch.Tensor] = {}  # by sliding window (None: full attention)
         self.span = max_len
-        self.window = config.sliding_window
+        self.windows = sorted({config.layer_window(i) for i in range(config.n_layer)}, key=lambda w: w or 0)
 
     def begin(self, slot_ids: torch.Tensor, span: int | None = None) -> None:
         """Prepare a forward that writes slots `slot_ids` (T,) and attends over the first `span` slots."""
         self.slot_ids = slot_ids
         self.span = span or self.max_len
         slots = self.slots[: self.span]
-        causal = slots[None, :] <= slot_ids[:, None]  # (T, S)
-        if self.window:
-            causal &= slots[None, :] > slot_ids[:, None] - self.window
         own = slots[None, :] == slot_ids[:, None]  # a left-pad query sees itself, never an empty row (NaN)
-        self.mask = ((causal[None] & self.valid[:, None, : self.span]) | own[None])[:, None]  # (B, 1, T, S)
+        for window in self.windows:  # one mask per kind of layer, shared by the layers of that kind
+            causal = slots[None, :] <= slot_ids[:, None]  # (T, S)
+            if window:
+                causal &= slots[None, :] > slot_ids[:, None] - window
+            self.masks[window] = ((causal[None] & self.valid[:, None, : self.span]) | own[None])[:, None]  # (B,1,T,S)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's keys and values (B, nh, T, hs) and return the attended part of the cache."""
@@ -83,24 +87,26 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def make_norm(config: ModelConfig) -> nn.Module:
+def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
     if config.norm == "rmsnorm":
-        return RMSNorm(config.n_embd, config.norm_eps, config.norm_offset)
-    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+        return RMSNorm(dim or config.n_embd, config.norm_eps, config.norm_offset)
+    return nn.LayerNorm(dim or config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
-def rope_tables(pos: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (B, 1, T, hs) of rotary embeddings at positions `pos` (B, T), in Hugging Face's half-split layout."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
-    freqs = pos[..., None].float() * inv_freq  # (B, T, hs/2)
-    angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, hs)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(x / cap): values kept below cap smoothly (Gemma 2's attention scores and logits)."""
+    return x if cap is None else torch.tanh(x / cap) * cap
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin  # (B, nh, T, hs)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+              cap: float | None, dropout: float) -> torch.Tensor:
+    """Masked attention of q (B, nh, T, hs) over k, v (B, nh, S, hs); written out when scores are soft-capped, which
+    the fused kernel cannot do."""
+    if cap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+    scores = softcap((q @ k.transpose(-1, -2)) * scale, cap)  # (B, nh, T, S)
+    scores = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+    return F.dropout(scores, dropout) @ v
 
 
 class CausalSelfAttention(nn.Module):
@@ -108,29 +114,44 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_head, self.n_kv, self.hs = config.n_head, config.kv_heads, config.head_dim
-        self.window = config.sliding_window
+        self.window = config.layer_window(layer)  # None: this layer attends over the whole context
+        self.kind = config.layer_type(layer)  # which rotary table it takes; None below: no positional encoding
+        self.rope = self.kind if config.pos == "rope" and layer not in (config.nope_layers or ()) else None
+        self.scale = (config.attn_scalar or self.hs) ** -0.5
+        self.softcap = config.attn_softcap
         self.dropout = config.dropout
         # q for every head, then k and v for every key/value head (fewer with grouped-query attention)
         self.sizes = [self.n_head * self.hs, self.n_kv * self.hs, self.n_kv * self.hs]
-        self.c_attn = nn.Linear(config.n_embd, sum(self.sizes), bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, sum(self.sizes), bias=config.attention_bias)
         self.c_proj = nn.Linear(self.n_head * self.hs, config.n_embd, bias=config.bias)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm:  # over each head (Qwen3, Gemma 3) or over the whole projection (OLMo 2)
+            whole = config.qk_norm == "all"
+            self.q_norm = make_norm(config, self.sizes[0] if whole else self.hs)
+            self.k_norm = make_norm(config, self.sizes[1] if whole else self.hs)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.adaption: nn.Module | None = None  # LLaMA-Adapter's gated prompt attention (gptlab/peft/llama_adapter.py)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None,
                 prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
-                rope: Rope | None = None) -> torch.Tensor:
+                ropes: Ropes | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).split(self.sizes, dim=2)
-        q = q.view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
-        v = v.view(B, T, self.n_kv, self.hs).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.qk_norm == "all":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.n_head, self.hs)
+        k = k.view(B, T, self.n_kv, self.hs)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hs), (B, n_kv, T, hs)
+        v = v.view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
+        if self.rope is not None and ropes is not None:
+            q, k = apply_rope(q, *ropes[self.rope]), apply_rope(k, *ropes[self.rope])
         dropout = self.dropout if self.training else 0.0
         windowed = self.window is not None and T > self.window
-        if cache is None and prefix is None and not windowed:  # training and scoring: the fused causal kernel
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
+        if cache is None and prefix is None and not windowed and self.softcap is None:
+            # training and scoring: the fused causal kernel
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=self.scale,
                                                enable_gqa=self.n_kv != self.n_head)  # (B, nh, T, hs)
         else:
             if cache is None:
@@ -140,7 +161,7 @@ class CausalSelfAttention(nn.Module):
                     mask &= i[None, :] > i[:, None] - self.window
             else:
                 k, v = cache.update(self.layer, k, v)  # (B, n_kv, S, hs)
-                mask = cache.mask  # (B, 1, T, S)
+                mask = cache.masks[self.window]  # (B, 1, T, S)
             if prefix is not None:  # learned keys/values every query may see (prefix and prompt tuning)
                 pk, pv = prefix  # (B, n_kv, n, hs)
                 k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
@@ -148,7 +169,7 @@ class CausalSelfAttention(nn.Module):
             if self.n_kv != self.n_head:  # grouped-query attention: each key/value head serves a group of queries
                 k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
                 v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            y = attention(q, k, v, mask, self.scale, self.softcap, dropout)  # (B, nh, T, hs)
         if self.adaption is not None:
             y = y + self.adaption(q, self)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.hs)  # the heads side by side
@@ -178,20 +199,29 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """A transformer block: attention, then the MLP, each added to the residual stream, normalized where the family
+    normalizes (`block_norms`): before each sub-layer (GPT-2, Llama), after each residual add (GPT-1), on each
+    sub-layer's output (OLMo 2), or both before and on the output (Gemma 2/3)."""
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.ln_1 = make_norm(config)
+        norms = config.block_norms
+        self.post = norms == "post"
+        self.ln_1 = make_norm(config) if norms != "output" else nn.Identity()
         self.attn = CausalSelfAttention(config, layer)
-        self.ln_2 = make_norm(config)
+        self.post_attn_norm = make_norm(config) if norms in ("output", "both") else nn.Identity()
+        self.ln_2 = make_norm(config) if norms != "output" else nn.Identity()
         self.mlp = MLP(config)
+        self.post_mlp_norm = make_norm(config) if norms in ("output", "both") else nn.Identity()
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None,
                 prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
-                rope: Rope | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, prefix, rope)
-        return x + self.mlp(self.ln_2(x))
+                ropes: Ropes | None = None) -> torch.Tensor:
+        if self.post:  # GPT-1
+            x = self.ln_1(x + self.attn(x, cache, prefix, ropes))
+            return self.ln_2(x + self.mlp(x))
+        x = x + self.post_attn_norm(self.attn(self.ln_1(x), cache, prefix, ropes))
+        return x + self.post_mlp_norm(self.mlp(self.ln_2(x)))
 
 
 class GPT(nn.Module):
@@ -202,7 +232,7 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=make_norm(config),
+            ln_f=make_norm(config) if config.block_norms != "post" else nn.Identity(),  # GPT-1 has no final norm
         ))
         if config.pos == "learned":
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
@@ -257,18 +287,26 @@ class GPT(nn.Module):
             self.lm_head.weight.data.copy_(torch.cat([head, head.mean(0, keepdim=True).expand(vocab_size - old, -1)]))
         self.config.vocab_size = vocab_size
 
-    def embed(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, Rope | None]:
+    def embed(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, Ropes | None]:
         """Token (or virtual-token) embeddings (B, T, C) at positions `pos` -> the blocks' input, plus the rotary
-        tables when positions are rotary."""
-        if self.config.embed_scale:
-            x = x * torch.tensor(self.config.n_embd ** 0.5, dtype=x.dtype)  # Gemma
-        rope = None
-        if self.config.pos == "learned":
-            x = x + self.transformer.wpe(pos)
-        else:
-            rope = rope_tables(torch.broadcast_to(pos, x.shape[:2]), self.config.head_dim, self.config.rope_theta,
-                               x.dtype)
-        return self.transformer.drop(x), rope
+        tables of each kind of layer when positions are rotary."""
+        cfg = self.config
+        if cfg.embed_scale:
+            x = x * torch.tensor(cfg.n_embd ** 0.5, dtype=x.dtype)  # Gemma
+        if cfg.pos == "learned":
+            return self.transformer.drop(x + self.transformer.wpe(pos)), None
+        pos = torch.broadcast_to(pos, x.shape[:2])  # (B, T)
+        seq_len = pos.max() + 1  # what length-dependent rope scaling reads, kept on the device
+        ropes = {}
+        for kind in {cfg.layer_type(i) for i in range(cfg.n_layer)}:
+            if kind == "sliding_attention" and cfg.rope_local_theta:  # Gemma 3's local layers: their own base
+                inv, attention = inverse_frequencies(cfg.rotary_dims, cfg.rope_local_theta, None, cfg.block_size,
+                                                     seq_len, x.device)
+            else:
+                inv, attention = inverse_frequencies(cfg.rotary_dims, cfg.rope_theta, cfg.rope_scaling,
+                                                     cfg.block_size, seq_len, x.device)
+            ropes[kind] = rope_tables(pos, inv, attention, x.dtype)
+        return self.transformer.drop(x), ropes
 
     def num_params(self) -> int:
         """Parameters counted once each (the tied head is the embedding), as Hugging Face's `num_parameters()`."""
@@ -295,22 +333,23 @@ class GPT(nn.Module):
                 raise GptlabError(f"sequence of {x.size(1) + offset} positions is longer than the context "
                                   f"({self.config.block_size})")
             pos = torch.arange(x.size(1), device=idx.device)[None]  # (1, T)
-        x, rope = self.embed(x, pos + offset)  # (B, T, C)
+        x, ropes = self.embed(x, pos + offset)  # (B, T, C)
         for block, prefix in zip(self.transformer.h, prefixes):
             if self.activation_checkpointing and self.training:
                 # the recompute runs in backward, outside any attention-kernel choice made around the forward (the
                 # CPU's bf16 autocast picks the math kernel): it gets the same choice back
                 backends = sdpa_backends()
-                x = checkpoint(block, x, cache, prefix, rope, use_reentrant=False,
+                x = checkpoint(block, x, cache, prefix, ropes, use_reentrant=False,
                                context_fn=lambda b=backends: (contextlib.nullcontext(), sdpa_kernel(b)))
             else:
-                x = block(x, cache, prefix, rope)
+                x = block(x, cache, prefix, ropes)
         x = x[:, x.size(1) - T:]  # drop the prompt-tuning positions: logits line up with `idx`
         if last_only:
             x = x[:, -1:]
-        if targets is not None and self.loss_chunk and self.training and not last_only:
+        if targets is not None and self.loss_chunk and self.training and not last_only and \
+                self.config.logit_softcap is None:
             return None, linear_cross_entropy(self.transformer.ln_f(x), self.lm_head.weight, targets, self.loss_chunk)
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
+        logits = softcap(self.lm_head(self.transformer.ln_f(x)), self.config.logit_softcap)  # (B, T, vocab)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)

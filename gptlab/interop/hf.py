@@ -1,7 +1,10 @@
-"""Hugging Face GPT-2 folders, both ways, without importing transformers.
+"""Hugging Face model folders, both ways, without importing transformers: GPT-2 and GPT-1 here, the rotary families
+in `families.py`.
 
-Our parameter names are GPT-2's own, so the only change is Hugging Face's `Conv1D`, which stores its weight as
-(in, out) where `nn.Linear` stores (out, in): those four matrices per layer are transposed on the way in and out.
+Our parameter names are GPT-2's own, so the only change for GPT-2 and GPT-1 is Hugging Face's `Conv1D`, which stores
+its weight as (in, out) where `nn.Linear` stores (out, in): those four matrices per layer are transposed on the way in
+and out. GPT-1 (`openai-gpt`) names its embeddings `tokens_embed` and `positions_embed` and normalizes after each
+residual add, with no final norm.
 """
 
 from __future__ import annotations
@@ -28,11 +31,11 @@ from gptlab.checkpoint import (
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
 from gptlab.files import atomic_write_text, check_new_folder, read_json_object, write_folder
-from gptlab.interop import llama
+from gptlab.interop import families
 from gptlab.model import GPT
 from gptlab.tokenizer import GENERATION_CONFIG, SPECIAL_NAMES, TOKENIZER, TOKENIZER_CONFIG, Tokenizer, stop_list
 
-SUPPORTED = ("gpt2", *llama.FAMILIES)
+SUPPORTED = ("gpt2", "openai-gpt", *families.FAMILIES)
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older GPT-2 checkpoints: not weights
 
@@ -40,10 +43,22 @@ _BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older G
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     kind = hf.get("model_type")
     if kind not in SUPPORTED:
-        raise GptlabError(f"unsupported architecture {kind!r} ({hf.get('architectures')}); supported: "
-                          f"{', '.join(SUPPORTED)}")
-    if kind in llama.FAMILIES:
-        return llama.config_from_hf(hf)
+        try:
+            return families.config_from_hf(hf)  # says whether it is a mixture of experts
+        except GptlabError as e:
+            if kind in families.MIXTURES:
+                raise
+            raise GptlabError(f"{e}; supported: {', '.join(SUPPORTED)}") from None
+    if kind in families.FAMILIES:
+        return families.config_from_hf(hf)
+    if kind == "openai-gpt":
+        if hf.get("afn", "gelu") != "gelu":
+            raise GptlabError(f"unsupported GPT-1 activation {hf['afn']!r}; gptlab's GPT-1 uses its tanh GELU")
+        return ModelConfig(
+            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], block_size=hf.get("n_positions", 512),
+            vocab_size=hf["vocab_size"], dropout=float(hf.get("resid_pdrop", 0.0)), bias=True,
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=True, block_norms="post", name="gpt1-import",
+            family="openai-gpt")
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
         raise GptlabError(f"unsupported GPT-2 activation {act!r}; gptlab's GPT-2 uses the tanh GELU (gelu_new)")
@@ -56,11 +71,18 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         block_size=hf.get("n_positions", hf.get("n_ctx", 1024)), vocab_size=hf["vocab_size"],
         dropout=float(hf.get("resid_pdrop", 0.0)), bias=True, norm_eps=hf.get("layer_norm_epsilon", 1e-5),
         mlp_hidden=hf.get("n_inner"), tie_embeddings=hf.get("tie_word_embeddings", True), name="gpt2-import",
+        family="gpt2",
     )
 
 
 def config_to_hf(cfg: ModelConfig, ids: dict[str, Any]) -> dict[str, Any]:
     """`ids`: the tokenizer's bos_token_id, eos_token_id and pad_token_id."""
+    if cfg.block_norms == "post":
+        return {"architectures": ["OpenAIGPTLMHeadModel"], "model_type": "openai-gpt", "n_layer": cfg.n_layer,
+                "n_head": cfg.n_head, "n_embd": cfg.n_embd, "n_positions": cfg.block_size,
+                "vocab_size": cfg.vocab_size, "afn": "gelu", "layer_norm_epsilon": cfg.norm_eps,
+                "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout, **ids,
+                "dtype": "float32"}
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, "n_positions": cfg.block_size,
@@ -71,13 +93,19 @@ def config_to_hf(cfg: ModelConfig, ids: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+_GPT1_NAMES = {"tokens_embed.": "wte.", "positions_embed.": "wpe."}
+
+
 def state_from_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Hugging Face GPT-2 weights -> gptlab names and layouts (both `GPT2LMHeadModel` and `GPT2Model` keys)."""
+    """Hugging Face GPT-2 or GPT-1 weights -> gptlab names and layouts (`GPT2LMHeadModel` and `GPT2Model` keys,
+    `OpenAIGPTLMHeadModel` and `OpenAIGPTModel` keys)."""
     out = {}
     for key, t in hf_state.items():
         if key.endswith(_BUFFERS):
             continue
         name = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
+        for theirs, ours in _GPT1_NAMES.items():
+            name = name.replace(f"transformer.{theirs}", f"transformer.{ours}")
         out[name] = t.t().contiguous() if name.endswith(_CONV1D) else t
     return out
 
@@ -90,7 +118,11 @@ def state_to_hf(model: GPT) -> dict[str, torch.Tensor]:
             if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm)) and name != "lm_head":
                 width = module.weight.shape[0]
                 state[f"{name}.bias"] = torch.zeros(width, dtype=module.weight.dtype)
-    return {k: (t.t().contiguous() if k.endswith(_CONV1D) else t) for k, t in state.items()}
+    out = {k: (t.t().contiguous() if k.endswith(_CONV1D) else t) for k, t in state.items()}
+    if model.config.block_norms == "post":  # GPT-1's names
+        for theirs, ours in _GPT1_NAMES.items():
+            out = {k.replace(f"transformer.{ours}", f"transformer.{theirs}"): t for k, t in out.items()}
+    return out
 
 
 def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
@@ -167,11 +199,16 @@ def _via_transformers(src: Path, stops: Any) -> Tokenizer | None:
 
 
 def import_hf(src: str | os.PathLike[str], out: str | os.PathLike[str], source: str | None = None) -> Path:
-    """A Hugging Face model folder (GPT-2, Llama, Mistral, Gemma) -> a gptlab checkpoint folder, tokenizer included:
+    """A Hugging Face model folder (GPT-2, GPT-1 and the rotary families of `families.py`) -> a gptlab checkpoint
+    folder, tokenizer included:
     its special tokens, BOS rule, stop ids and chat template, as transformers reads them."""
     src = check_folder(src, required=("config.json",))
     out = check_new_folder(out, [src])  # before the weights are read
     hf_config = read_json_object(src / "config.json", missing_ok=False)
+    multimodal = hf_config.get("model_type") == "gemma3" and isinstance(hf_config.get("text_config"), dict)
+    if multimodal:  # Gemma 3 4B and up: the text model, without the vision tower
+        hf_config = {"model_type": "gemma3_text", **{k: v for k, v in hf_config["text_config"].items()
+                                                      if k not in ("architectures",)}}
     config = config_from_hf(hf_config)
     tokenizer = read_hf_tokenizer(src)
     if tokenizer.vocab_size > config.vocab_size:
@@ -179,9 +216,11 @@ def import_hf(src: str | os.PathLike[str], out: str | os.PathLike[str], source: 
                           f"{config.vocab_size}")
     tokenizer.check_chat_template()
     weights = read_hf_weights(src)
+    if multimodal:
+        weights = _text_weights(weights)
     if config.pos == "rope":
         try:
-            weights = llama.state_from_hf(weights, config)
+            weights = families.state_from_hf(weights, config, hf_config["model_type"])
         except KeyError as e:
             raise GptlabError(f"the weights in {src} lack {e.args[0]} for a {hf_config['model_type']} model") from None
     else:
@@ -192,6 +231,18 @@ def import_hf(src: str | os.PathLike[str], out: str | os.PathLike[str], source: 
     model = load_model(config, state, f"the weights in {src}")
     source = source or str(src.resolve())
     return write_folder(out, lambda folder: save_checkpoint(folder, model, tokenizer, source=source), [src])
+
+
+def _text_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Gemma 3 image-and-text model's weights -> its text model's, as `Gemma3ForCausalLM` names them (the file
+    layouts of transformers 4.50+ and of earlier ones)."""
+    out = {}
+    for key, t in weights.items():
+        for theirs, ours in (("model.language_model.", "model."), ("language_model.model.", "model."),
+                             ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head.")):
+            if key.startswith(theirs):
+                out[ours + key.removeprefix(theirs)] = t
+    return out
 
 
 def export_hf(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
@@ -207,10 +258,11 @@ def export_hf(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]) -
     if set(model_state(model)) != plain:
         raise GptlabError(f"{checkpoint} has parts GPT-2 does not (adapter layers or virtual tokens cannot be folded "
                           "into its weights); export hf takes full and LoRA checkpoints")
-    ids = tokenizer.generation_config()
+    ids = {"pad_token_id": None, **tokenizer.generation_config()}  # none, not the family's default pad id
     if model.config.pos == "rope":
-        hf_config = llama.config_to_hf(model.config, ids)
-        state = llama.state_to_hf(model_state(model), model.config)
+        kind = families.hf_family(model.config)
+        hf_config = families.config_to_hf(model.config, ids, kind)
+        state = families.state_to_hf(model_state(model), model.config, kind)
     else:
         hf_config = config_to_hf(model.config, ids)
         state = state_to_hf(model)

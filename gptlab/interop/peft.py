@@ -24,16 +24,17 @@ from gptlab.checkpoint import check_folder, read_pickled_weights, read_weights
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
 from gptlab.files import atomic_write_text, read_json_object, write_folder
+from gptlab.interop import families
 from gptlab.peft.base import ADAPTER, ADAPTER_CONFIG, fingerprint
 from gptlab.tokenizer import Tokenizer
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-# gptlab layer (under transformer.h.N.) -> its Hugging Face Llama-family parts, in the order they are fused
-LLAMA_PARTS = {"attn.c_attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-               "attn.c_proj": ("self_attn.o_proj",), "mlp.c_fc": ("mlp.gate_proj", "mlp.up_proj"),
-               "mlp.c_proj": ("mlp.down_proj",)}
+def hf_parts(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
+    """gptlab layer (under transformer.h.N.) -> its Hugging Face parts in the base's family, in the order they fuse
+    (Phi-3 fuses as gptlab does: one part each)."""
+    return families.parts(families.hf_family(cfg))
 
 
 def part_sizes(layer: str, cfg: ModelConfig) -> list[int]:
@@ -42,7 +43,7 @@ def part_sizes(layer: str, cfg: ModelConfig) -> list[int]:
     gated = cfg.mlp != "gelu"
     sizes = {"attn.c_attn": [q, kv, kv], "attn.c_proj": [cfg.n_embd], "mlp.c_proj": [cfg.n_embd],
              "mlp.c_fc": [cfg.hidden_dim] * (2 if gated else 1)}[layer]
-    return [sum(sizes)] if cfg.pos == "learned" else sizes
+    return [sum(sizes)] if cfg.pos == "learned" or len(hf_parts(cfg)[layer]) == 1 else sizes
 
 
 def layer_inputs(layer: str, cfg: ModelConfig) -> int:
@@ -82,9 +83,9 @@ def export_peft(run: str | os.PathLike[str], out: str | os.PathLike[str]) -> Pat
             parts = [(layer, b)]
         else:
             m = re.fullmatch(r"transformer\.h\.(\d+)\.(.+)", layer)
-            if not m or m.group(2) not in LLAMA_PARTS:
+            if not m or m.group(2) not in hf_parts(cfg):
                 raise GptlabError(f"{run}: no Hugging Face name for the LoRA layer {layer}")
-            names = [f"model.layers.{m.group(1)}.{p}" for p in LLAMA_PARTS[m.group(2)]]
+            names = [f"model.layers.{m.group(1)}.{p}" for p in hf_parts(cfg)[m.group(2)]]
             parts = list(zip(names, b.split(part_sizes(m.group(2), cfg))))  # the same A for each part
         for name, part_b in parts:
             state[f"{PREFIX}{name}.lora_A.weight"] = a.clone()  # one copy per part: safetensors stores no aliases
@@ -190,7 +191,7 @@ def _our_layer(name: str, gpt2: bool, cfg: ModelConfig, src: Path, base: Path) -
     if m and gpt2:
         hit = (f"transformer.h.{m.group(1)}.{m.group(2)}", 0)
     elif m:
-        for layer, parts in LLAMA_PARTS.items():
+        for layer, parts in hf_parts(cfg).items():
             if m.group(2) in parts:
                 hit = (f"transformer.h.{m.group(1)}.{layer}", parts.index(m.group(2)))
     if hit is None or int(m.group(1)) >= cfg.n_layer:

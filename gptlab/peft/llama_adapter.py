@@ -5,8 +5,6 @@ the prompts' influence grows only as it helps.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -25,10 +23,15 @@ class AdaptionPrompt(nn.Module):
     def forward(self, q: torch.Tensor, attn: nn.Module) -> torch.Tensor:
         """The gated attention of queries q (B, nh, T, hs) over the prompt's keys and values."""
         B, nh, T, hs = q.shape
-        _, k, v = attn.c_attn(self.prompt).split(attn.sizes, dim=-1)  # the layer's own projections
-        k = k.view(-1, attn.n_kv, hs).transpose(0, 1).repeat_interleave(nh // attn.n_kv, dim=0)  # (nh, n, hs)
+        _, k, v = attn.c_attn(self.prompt).split(attn.sizes, dim=-1)  # the layer's own projections (and key norm)
+        if attn.qk_norm == "all":
+            k = attn.k_norm(k)
+        k = k.view(-1, attn.n_kv, hs)
+        if attn.qk_norm == "head":
+            k = attn.k_norm(k)
+        k = k.transpose(0, 1).repeat_interleave(nh // attn.n_kv, dim=0)  # (nh, n, hs)
         v = v.view(-1, attn.n_kv, hs).transpose(0, 1).repeat_interleave(nh // attn.n_kv, dim=0)
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(hs)  # (B, nh, T, n)
+        scores = (q @ k.transpose(-1, -2)) * attn.scale  # (B, nh, T, n)
         return self.gate.view(1, nh, 1, 1) * (scores.softmax(dim=-1) @ v)  # (B, nh, T, hs)
 
 

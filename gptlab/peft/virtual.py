@@ -96,9 +96,9 @@ class PromptTuning(SmallMethod):
         cache.valid[:, :n] = True
         cache.begin(torch.arange(n, device=wte.device), n)
         with torch.no_grad():
-            x, rope = model.embed(model.prompt(1), torch.arange(n, device=wte.device)[None])  # (1, n, C)
+            x, ropes = model.embed(model.prompt(1), torch.arange(n, device=wte.device)[None])  # (1, n, C)
             for block in model.transformer.h:
-                x = block(x, cache, None, rope)
+                x = block(x, cache, None, ropes)
         model.prompt = None
         model.prefix = StaticPrefix(cache.k[:, 0].clone(), cache.v[:, 0].clone())  # (L, nh, n, hs)
         return model
