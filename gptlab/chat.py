@@ -13,7 +13,7 @@ which is what chat fine-tuning needs to score those turns only, with any templat
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -96,22 +96,47 @@ def render(template: str | None, messages: Sequence[Mapping[str, Any]], add_gene
         raise GptlabError(f"the chat template cannot render this conversation: {type(e).__name__}: {e}") from None
 
 
+def common_prefix(a: str, b: str) -> int:
+    """Characters that `a` and `b` share from the start."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def assistant_spans(template: str | None, messages: Sequence[Mapping[str, Any]],
-                    specials: Mapping[str, str | None] | None = None) -> tuple[str, list[tuple[int, int]]]:
+                    specials: Mapping[str, str | None] | None = None,
+                    shared: Callable[[str, str], int] = common_prefix) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of its assistant turns: each from where the generation
     prompt ends to where the turn's own text ends (its end-of-turn marker included), found by rendering the turns one
-    by one. A template that renders earlier turns differently once later ones follow (one that drops past reasoning,
-    say) gets its last assistant turn only."""
+    by one. Where a template closes the conversation with more than a turn's end (Phi-3 adds an EOS after the last
+    turn), the turn ends where what follows it, another turn or the end, no longer agree: `shared(a, b)`, which the
+    tokenizer gives so that the cut falls between tokens. A template that renders earlier turns differently once later
+    ones follow (one that drops past reasoning, say) gets its last assistant turn only."""
     messages = check_messages(messages)
     full = render(template, messages, add_generation_prompt=False, specials=specials)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not turns:
         raise GptlabError("the conversation has no assistant message to learn from")
+
+    def following(i: int) -> str:
+        if i < len(messages) - 1:
+            return full
+        try:  # the last turn: as it renders with a user turn after it
+            return render(template, [*messages, {"role": "user", "content": "PING"}], False, specials)
+        except GptlabError:
+            return full
+
     def span(i: int) -> tuple[int, int] | None:
         before = render(template, messages[:i], add_generation_prompt=True, specials=specials) if i else ""
-        after = full if i == len(messages) - 1 else render(template, messages[: i + 1], add_generation_prompt=False,
-                                                           specials=specials)
-        return (len(before), len(after)) if full.startswith(after) and after.startswith(before) else None
+        turn = full if i == len(messages) - 1 else render(template, messages[: i + 1], add_generation_prompt=False,
+                                                          specials=specials)
+        after = following(i)
+        end = len(turn) if after.startswith(turn) else shared(turn, after)
+        ok = full[:end] == turn[:end] and turn[:end].startswith(before) and end > len(before)
+        return (len(before), end) if ok else None
 
     spans = [span(i) for i in turns]
     if any(s is None for s in spans):

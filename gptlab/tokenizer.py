@@ -234,12 +234,21 @@ class Tokenizer:
         fine-tuning scores). A token counts as the assistant's if any of its characters lie in an assistant turn."""
         from gptlab.chat import assistant_spans
 
-        text, spans = assistant_spans(self.chat_template, messages, self.specials)
+        text, spans = assistant_spans(self.chat_template, messages, self.specials, self._shared_tokens)
         enc = self.backend.encode(text, add_special_tokens=False)
         mask = [any(start < e and end > s for s, e in spans) for start, end in enc.offsets]
         if not self.end_of_turn and self.eos_id is not None:  # a template without an end-of-turn token (gptlab's own)
             return enc.ids + [self.eos_id], mask + [True]
         return list(enc.ids), mask
+
+    def _shared_tokens(self, a: str, b: str) -> int:
+        """Characters of the tokens `a` and `b` share from the start: a cut between tokens, never inside one."""
+        ea = self.backend.encode(a, add_special_tokens=False)
+        eb = self.backend.encode(b, add_special_tokens=False)
+        n = 0
+        while n < min(len(ea.ids), len(eb.ids)) and ea.ids[n] == eb.ids[n]:
+            n += 1
+        return ea.offsets[n - 1][1] if n else 0
 
     @cached_property
     def end_of_turn(self) -> tuple[int, ...]:

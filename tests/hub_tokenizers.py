@@ -54,6 +54,37 @@ GEMMA_TEMPLATE = (
     "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
 )
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- set first_user_prefix = messages[0]['content'] + "
+    "'\n\n' -%}{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first_user_prefix = \"\" -%}"
+    "{%- set loop_messages = messages -%}{%- endif -%}{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}{%- endif -%}"
+    "{%- if (message['role'] == 'assistant') -%}{%- set role = \"model\" -%}{%- else -%}"
+    "{%- set role = message['role'] -%}{%- endif -%}{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if "
+    "loop.first else \"\") }}{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{'<start_of_turn>model\n'}}{%- endif -%}"
+)
+PHI3_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
+    "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+OLMO2_TEMPLATE = (  # OLMo 2 Instruct (Tulu 3)
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}{{ '<|system|>\n' + "
+    "message['content'] + '\n' }}{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'assistant' %}{% if not loop.last %}{{ '<|assistant|>\n'  + message['content'] + "
+    "eos_token + '\n' }}{% else %}{{ '<|assistant|>\n'  + message['content'] + eos_token }}{% endif %}{% endif %}"
+    "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}{% endfor %}"
+)
+SMOLLM3_TEMPLATE = (  # SmolLM3, its thinking and tool branches left out: ChatML with a metadata system turn
+    "{{- '<|im_start|>system\n' }}{{- '## Metadata\n\nReasoning Mode: /no_think\n\n' }}"
+    "{%- if messages[0].role == 'system' %}{{- messages[0].content }}{%- endif %}{{- '<|im_end|>\n' }}"
+    "{%- for message in messages %}{%- if message.role != 'system' %}"
+    "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
 
 CORPUS = [TEXT, "[INST] Translate: the cat [/INST] le chat\n", "system user assistant model\n"]
 
@@ -136,6 +167,28 @@ def gemma(path: Path) -> Path:
     return _write(path, backend, config, eos_ids=[1, 5], bos_id=2, pad_id=0)
 
 
+def gemma3(path: Path) -> Path:
+    """Gemma 3: Gemma's tokenizer shape; its template folds a system turn into the first user turn."""
+    gemma(path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": GEMMA3_TEMPLATE}, indent=2))
+    return path
+
+
+def phi3(path: Path) -> Path:
+    """Phi-3-mini: Llama 2's SentencePiece shape with turn tokens; no BOS added; the instruct model's eos is
+    <|endoftext|> and generation stops at <|end|> and <|assistant|> too."""
+    backend = _sentencepiece(["<unk>", "<s>", "</s>"], dummy_prefix=True)
+    names = ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
+    backend.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names])
+    ids = {n: backend.token_to_id(n) for n in names}
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "<|endoftext|>",
+              "unk_token": "<unk>", "pad_token": "<|endoftext|>", "add_bos_token": False, "add_eos_token": False,
+              "legacy": False, "chat_template": PHI3_TEMPLATE}
+    return _write(path, backend, config, eos_ids=[ids["<|endoftext|>"], ids["<|assistant|>"], ids["<|end|>"]],
+                  bos_id=1, pad_id=ids["<|endoftext|>"])
+
+
 def _byte_level(split: str, vocab_size: int = 400) -> HFTokenizer:
     backend = HFTokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.Sequence([
@@ -183,6 +236,31 @@ def qwen(path: Path) -> Path:
                   pad_id=ids["<|endoftext|>"])
 
 
+def olmo2(path: Path) -> Path:
+    """OLMo 2: GPT-2-class byte-level BPE (cl100k's split) whose <|endoftext|> is BOS and EOS, a <|pad|>; the
+    template writes the BOS itself."""
+    backend = _byte_level(LLAMA3_SPLIT)
+    names = ["<|endoftext|>", "<|pad|>"]
+    backend.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names])
+    ids = {n: backend.token_to_id(n) for n in names}
+    config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+              "unk_token": "<|endoftext|>", "pad_token": "<|pad|>", "add_prefix_space": False,
+              "model_max_length": 4096, "chat_template": OLMO2_TEMPLATE}
+    return _write(path, backend, config, eos_ids=ids["<|endoftext|>"], bos_id=ids["<|endoftext|>"],
+                  pad_id=ids["<|pad|>"])
+
+
+def smollm3(path: Path) -> Path:
+    """SmolLM3: Llama 3's byte-level BPE without a BOS; ChatML turns end with <|im_end|>, its eos and pad."""
+    backend = _byte_level(LLAMA3_SPLIT)
+    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"]
+    backend.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names])
+    ids = {n: backend.token_to_id(n) for n in names}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",
+              "pad_token": "<|im_end|>", "model_max_length": 65536, "chat_template": SMOLLM3_TEMPLATE}
+    return _write(path, backend, config, eos_ids=ids["<|im_end|>"], bos_id=None, pad_id=ids["<|im_end|>"])
+
+
 def gpt2(path: Path, tokenizer) -> Path:
     """GPT-2: byte-level BPE whose only special token, <|endoftext|>, is BOS, EOS and UNK at once; no template."""
     backend = HFTokenizer.from_str(tokenizer.backend.to_str())
@@ -192,4 +270,5 @@ def gpt2(path: Path, tokenizer) -> Path:
     return _write(path, backend, config, eos_ids=eos, bos_id=eos)
 
 
-BUILDERS = {"llama2": llama2, "llama3": llama3, "gemma": gemma, "qwen": qwen}
+BUILDERS = {"llama2": llama2, "llama3": llama3, "gemma": gemma, "qwen": qwen, "gemma3": gemma3, "phi3": phi3,
+            "olmo2": olmo2, "smollm3": smollm3}

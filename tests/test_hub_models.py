@@ -48,7 +48,8 @@ def renders(hf, messages) -> bool:
     return True
 
 
-@pytest.mark.parametrize("kind", ["llama2", "mistral", "llama3", "gemma", "qwen", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama2", "mistral", "llama3", "gemma", "qwen", "gpt2", "gemma3", "phi3", "olmo2",
+                                  "smollm3"])
 def test_tokenizer_ids_and_chat_equal_transformers(tmp_path, tokenizer, kind):
     """ids of plain text (BOS included), rendered conversations and their ids, kept through a checkpoint folder and
     read back by transformers from it."""
@@ -77,7 +78,8 @@ def test_tokenizer_ids_and_chat_equal_transformers(tmp_path, tokenizer, kind):
     stops = json.loads((folder / "generation_config.json").read_text())["eos_token_id"]
     assert list(ours.stop_ids) == list(stops if isinstance(stops, list) else [stops])
     end_of_turn = {"llama2": "</s>", "mistral": "</s>", "llama3": "<|eot_id|>", "gemma": "<end_of_turn>",
-                   "qwen": "<|im_end|>", "gpt2": None}[kind]
+                   "qwen": "<|im_end|>", "gpt2": None, "gemma3": "<end_of_turn>", "phi3": "<|end|>",
+                   "olmo2": "<|endoftext|>", "smollm3": "<|im_end|>"}[kind]
     assert [ours.decode([t]) for t in ours.end_of_turn] == ([end_of_turn] if end_of_turn else [])
     assert set(ours.end_of_turn) <= set(ours.chat_stop_ids)
 
@@ -118,6 +120,14 @@ def hf_model(kind: str, path, tok: Tokenizer, **shape):
         cfg = transformers.GPT2Config(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=48, n_positions=128,
                                       **ids)
         model = transformers.GPT2LMHeadModel(cfg)
+    elif kind in NEWER:  # tests/test_families.py's tiny shape of the family, at this tokenizer's vocabulary
+        from .test_families import _TYPES, FAMILIES
+
+        cls, fields = FAMILIES[kind]
+        config_cls, model_cls = _TYPES.get(cls, (f"{cls}Config", f"{cls}ForCausalLM"))
+        fields = {**fields, "max_position_embeddings": 128} if "max_position_embeddings" in fields else fields
+        cfg = getattr(transformers, config_cls)(**{**fields, "vocab_size": tok.vocab_size, **ids, **shape})
+        model = getattr(transformers, model_cls)(cfg)
     else:
         cls = {"llama": "Llama", "mistral": "Mistral", "gemma": "Gemma"}[kind]
         extra = dict(head_dim=32, num_key_value_heads=1) if kind == "gemma" else dict(num_key_value_heads=2)
@@ -132,7 +142,10 @@ def hf_model(kind: str, path, tok: Tokenizer, **shape):
     return model.eval()
 
 
-FAMILY_TOKENIZERS = {"gpt2": "gpt2", "llama": "llama3", "mistral": "mistral", "gemma": "gemma"}
+FAMILY_TOKENIZERS = {"gpt2": "gpt2", "llama": "llama3", "mistral": "mistral", "gemma": "gemma", "qwen2": "qwen",
+                     "qwen3": "qwen", "gemma2": "gemma", "gemma3": "gemma3", "phi3": "phi3", "olmo2": "olmo2",
+                     "smollm3": "smollm3"}
+NEWER = ("qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "smollm3")
 
 
 def make_family(kind: str, root, tokenizer):
@@ -142,7 +155,7 @@ def make_family(kind: str, root, tokenizer):
     return folder, tok, model
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "mistral", "gemma"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "mistral", "gemma", *NEWER])
 def test_imported_family_encodes_and_stops_where_transformers_does(tmp_path, tokenizer, kind, capsys):
     """`gptlab import hf`, then greedy generation from a prompt encoded as AutoTokenizer encodes it stops at the
     same stop token as `generate` (the last of generation_config's ids, where it has several)."""
@@ -179,7 +192,8 @@ def chat_rows(n: int = 16) -> list[dict]:
             for i in range(n)]
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "mistral", "gemma"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "mistral", "gemma", "qwen2", "gemma3", "phi3", "olmo2",
+                                  "smollm3"])
 def test_chat_finetune_and_serve_with_the_models_own_template(tmp_path, tokenizer, kind, capsys):
     """A chat fine-tune renders each conversation with the base's template (ids equal to apply_chat_template) and
     scores the assistant turns with their end-of-turn token only; the run keeps the template, and the server's
@@ -204,8 +218,9 @@ def test_chat_finetune_and_serve_with_the_models_own_template(tmp_path, tokenize
     if kind != "gpt2":
         hf_tok = AutoTokenizer.from_pretrained(folder)
         assert ids == hf_tok.apply_chat_template(messages, add_generation_prompt=False).input_ids
-    end = {"gpt2": "\n", "llama": "<|eot_id|>", "mistral": "</s>", "gemma": "<end_of_turn>\n"}[kind]
-    learned = base.decode(t for t, s in zip(ids, scored) if s)
+    end = {"gpt2": "\n", "llama": "<|eot_id|>", "mistral": "</s>", "gemma": "<end_of_turn>\n", "qwen2": "<|im_end|>\n",
+           "gemma3": "<end_of_turn>\n", "phi3": "<|end|> \n", "olmo2": "<|endoftext|>", "smollm3": "<|im_end|>\n"}[kind]
+    learned = base.decode(t for t, s in zip(ids, scored) if s)  # Phi-3's "\n" after a special is the piece "▁\n"
     assert learned == f"0 it is{end}0 again{end}" + ("<|endoftext|>" if kind == "gpt2" else ""), learned
 
     assert main(["finetune", str(tmp_path / "ckpt"), "--method", "lora", "--data", str(data), "--out",
@@ -245,7 +260,7 @@ def random_lora(model) -> None:
             torch.nn.init.normal_(p, std=0.2)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "mistral", "gemma"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "mistral", "gemma", *NEWER])
 def test_peft_adapters_both_ways(tmp_path, tokenizer, kind, capsys):
     """`export peft` of a LoRA run loads with `PeftModel.from_pretrained` onto the exported base with equal logits;
     `import peft` reads it back, and reads an adapter that peft itself made (other targets, ranks per module)."""
@@ -276,7 +291,7 @@ def test_peft_adapters_both_ways(tmp_path, tokenizer, kind, capsys):
     with torch.no_grad():
         torch.testing.assert_close(back(idx), want, atol=1e-5, rtol=1e-5)
 
-    targets = ["c_attn"] if kind == "gpt2" else ["q_proj", "v_proj", "down_proj"]
+    targets = {"gpt2": ["c_attn"], "phi3": ["qkv_proj", "down_proj"]}.get(kind, ["q_proj", "v_proj", "down_proj"])
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, fan_in_fan_out=kind == "gpt2",
                           init_lora_weights=False, rank_pattern={targets[-1]: 2}, alpha_pattern={targets[-1]: 3},
                           use_rslora=kind == "llama", layers_to_transform=[1] if kind != "gpt2" else None)

@@ -1,12 +1,20 @@
 """`gptlab export gguf`: a checkpoint as one GGUF file that llama.cpp (and llama-cpp-python) load and run.
 
 Written with the `gguf` package (llama.cpp's own writer) under llama.cpp's tensor names and metadata keys, as its
-`convert_hf_to_gguf.py` writes them:
+`convert_hf_to_gguf.py` writes them. Each family goes to the llama.cpp architecture built for it:
 
-- GPT-2 (learned positions, LayerNorm, GELU, biases) -> architecture `gpt2`: `attn_qkv` stays fused.
-- Llama and Mistral (RoPE, RMSNorm, SwiGLU, no biases) -> `llama`: q and k rows are permuted from Hugging Face's
-  rotate-half layout to the interleaved pairs llama.cpp's rotary embedding takes.
-- Gemma (GeGLU, scaled embeddings, (1 + w) norms, tied head) -> `gemma`: norms are stored as 1 + w.
+- GPT-2 (learned positions, LayerNorm, GELU, biases) -> `gpt2`: `attn_qkv` stays fused.
+- Llama 1-3 and Mistral -> `llama`, SmolLM3 -> `smollm3`: llama.cpp's "normal" rotary embedding turns consecutive
+  pairs, so q and k rows are permuted from Hugging Face's rotate-half layout to interleaved pairs. Llama 3.1+'s
+  rope scaling becomes a `rope_freqs` tensor of per-pair factors.
+- Gemma 1-3 -> `gemma`, `gemma2`, `gemma3`; Qwen2/2.5 -> `qwen2`, Qwen3 -> `qwen3`; Phi-3/4 -> `phi3`; OLMo 2 ->
+  `olmo2`: these take llama.cpp's NEOX rotary, which is rotate-half, so q and k go as they are. Gemma's norms (q/k
+  norms too) are stored as 1 + w, since llama.cpp multiplies by the weight. Phi-3 keeps qkv and gate_up fused, and
+  LongRoPE's factors become `rope_factors_long` and `rope_factors_short`.
+
+A model llama.cpp's architecture would not compute as gptlab does (an attention scale it hard-codes otherwise, a
+sliding-window layout it has no way to hold, a rope scaling it lacks, GPT-1's post-norm blocks) is refused in one
+line; nothing is written.
 
 The tokenizer goes in the file too: a byte-level BPE as llama.cpp's `gpt2` vocabulary (tokens, types, merges), a
 character tokenizer (single characters plus `<0xXX>` byte fallback) as its SentencePiece-style `llama` vocabulary.
@@ -27,9 +35,25 @@ from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
 from gptlab.files import atomic_write
 from gptlab.model import build_on_meta
+from gptlab.rope import inverse_frequencies
 from gptlab.tokenizer import Tokenizer
 
 DTYPES = ("f32", "f16", "q8_0")
+ARCHS = {  # transformers family -> llama.cpp architecture
+    "llama": "llama", "mistral": "llama", "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3",
+    "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "olmo2": "olmo2", "smollm3": "smollm3",
+}
+NORMAL_ROPE = ("llama", "smollm3")  # llama.cpp's rotary on consecutive pairs: q and k rows permuted
+FUSED = ("gpt2", "phi3")  # attn_qkv and ffn_up stay one matrix each
+SWA = {"gemma2": 2, "gemma3": 6}  # architectures with sliding-window layers -> llama.cpp's default pattern
+FULL_WIDTH = ("qwen2", "phi3", "olmo2")  # llama.cpp sizes their heads n_embd / n_head
+TIED = ("gemma", "gemma2")  # llama.cpp reads no output.weight: the head is the embedding
+UNTIED = ("olmo2",)  # llama.cpp needs output.weight, even where it is the embedding
+SCALINGS = {"llama": ("llama3", "linear", "yarn"), "phi3": ("longrope", "linear", "yarn")}  # others: linear, yarn
+YARN_DEFAULTS = {"beta_fast": 32, "beta_slow": 1, "truncate": True}  # the only values llama.cpp's YaRN uses
+# gptlab layer part -> llama.cpp's name
+NORMS = {"ln_1": "attn_norm", "post_attn_norm": "post_attention_norm", "ln_2": "ffn_norm",
+         "post_mlp_norm": "post_ffw_norm", "attn.q_norm": "attn_q_norm", "attn.k_norm": "attn_k_norm"}
 
 
 def _gguf():
@@ -40,19 +64,112 @@ def _gguf():
     return gguf
 
 
+def _no_architecture(cfg: ModelConfig) -> GptlabError:
+    return GptlabError(f"llama.cpp has no architecture for this model (positions {cfg.pos}, norm {cfg.norm}, MLP "
+                       f"{cfg.mlp}, bias {cfg.bias}); GGUF export takes GPT-2, Llama/Mistral, Gemma 1-3, Qwen2/3, "
+                       "Phi-3/4, OLMo 2 and SmolLM3 shapes")
+
+
 def architecture(cfg: ModelConfig) -> str:
-    """llama.cpp's name for this shape, or one line saying why llama.cpp has none."""
+    """llama.cpp's name for this shape, or one line saying why llama.cpp would not run it as gptlab does."""
+    from gptlab.interop import families, hf
+
     if cfg.pos == "learned":
-        if cfg.norm == "layernorm" and cfg.mlp == "gelu" and cfg.bias and cfg.kv_heads == cfg.n_head and \
-                cfg.head_size is None:
-            return "gpt2"
-    elif cfg.norm == "rmsnorm" and not cfg.bias:
-        if cfg.mlp == "swiglu" and not cfg.norm_offset and not cfg.embed_scale:
-            return "llama"
-        if cfg.mlp == "geglu" and cfg.norm_offset and cfg.embed_scale and cfg.tie_embeddings:
-            return "gemma"
-    raise GptlabError(f"llama.cpp has no architecture for this model (positions {cfg.pos}, norm {cfg.norm}, MLP "
-                      f"{cfg.mlp}, bias {cfg.bias}); GGUF export takes GPT-2, Llama/Mistral and Gemma shapes")
+        if cfg.block_norms == "post":
+            raise GptlabError("llama.cpp has no architecture for GPT-1's post-norm blocks (LayerNorm after each "
+                              "residual add, no final norm); GGUF export takes GPT-2's pre-norm shape")
+        try:
+            same = hf.config_from_hf(hf.config_to_hf(cfg, {})) == cfg  # exactly GPT-2's shape
+        except GptlabError:
+            same = False
+        if not same:
+            raise _no_architecture(cfg)
+        return "gpt2"
+    try:
+        arch = ARCHS[families.hf_family(cfg)]
+    except GptlabError:
+        raise _no_architecture(cfg) from None
+    reason = refusal(cfg, arch)
+    if reason:
+        raise GptlabError(f"llama.cpp's {arch} architecture {reason}, so it would not run this model as gptlab "
+                          "does; nothing was written")
+    return arch
+
+
+def sliding(cfg: ModelConfig) -> list[bool]:
+    """Which layers attend within a sliding window."""
+    return [cfg.layer_window(i) is not None for i in range(cfg.n_layer)]
+
+
+def default_pattern(arch: str, n_layer: int) -> list[bool]:
+    """The sliding layers llama.cpp assumes when the file names none: all but every n-th."""
+    n = SWA[arch]
+    return [i % n < n - 1 for i in range(n_layer)]
+
+
+def refusal(cfg: ModelConfig, arch: str) -> str | None:
+    """What llama.cpp's `arch` computes otherwise than gptlab does for `cfg` (a Hugging Face family's exact shape),
+    or None."""
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type")
+    if cfg.bias:
+        return "takes no biases on the attention output and the MLP (GGUF export writes q, k and v biases only)"
+    if arch in FULL_WIDTH and cfg.head_size:
+        return (f"sizes heads as n_embd / n_head ({cfg.n_embd // cfg.n_head}), not this model's head_dim "
+                f"({cfg.head_dim})")
+    if kind and kind not in SCALINGS.get(arch, ("linear", "yarn")):
+        return f"has no {kind!r} rope scaling"
+    if kind == "yarn":
+        read = ("rope_type", "factor", "original_max_position_embeddings")
+        odd = sorted(k for k, v in scaling.items()
+                     if k not in read and v is not None and v != YARN_DEFAULTS.get(k, object()))
+        if odd:
+            return f"reads only YaRN's factor and original context, not this model's {', '.join(odd)}"
+    if cfg.layer_types is not None and arch not in SWA:
+        return (f"has no per-layer sliding windows (this model slides on {sum(sliding(cfg))} of its {cfg.n_layer} "
+                "layers)")
+    if arch == "smollm3":
+        want, got = [i for i in range(cfg.n_layer) if (i + 1) % 4 == 0], sorted(cfg.nope_layers or [])
+        if got != want:
+            return (f"leaves rotary embeddings out of every 4th layer (here {want or 'none'}), and this model out of "
+                    f"layers {got or 'none'}")
+    if arch in TIED and not cfg.tie_embeddings:
+        return "ties the output layer to the token embedding"
+    return _gemma_refusal(cfg, arch) if arch in SWA else None
+
+
+def _gemma_refusal(cfg: ModelConfig, arch: str) -> str | None:
+    """Gemma 2 and 3: what llama.cpp hard-codes where gptlab reads the config."""
+    # llama.cpp scales q by 1/sqrt(head_dim), but by 1/sqrt(n_embd / n_head) for the 27B (recognized by depth)
+    theirs = cfg.n_embd // cfg.n_head if cfg.n_layer == {"gemma2": 46, "gemma3": 62}[arch] else cfg.head_dim
+    if (cfg.attn_scalar or cfg.head_dim) != theirs:
+        return (f"scales attention by {theirs} ** -0.5 for this shape, not by this model's "
+                f"{cfg.attn_scalar or cfg.head_dim} ** -0.5")
+    if arch == "gemma2" and (cfg.attn_softcap is None or cfg.logit_softcap is None):
+        return "always soft-caps attention scores and logits, and this model leaves them uncapped"
+    if arch == "gemma3" and cfg.attn_softcap is not None:
+        return "has no attention soft-capping"
+    if cfg.rope_scaling and any(sliding(cfg)):
+        if arch == "gemma2" and cfg.rope_local_theta:
+            return "scales the rope of sliding-window layers as of full ones, and this model keeps them unscaled"
+        if arch == "gemma3" and not cfg.rope_local_theta:
+            return "keeps the rope of sliding-window layers unscaled, and this model scales them"
+    return None
+
+
+def notes(cfg: ModelConfig, arch: str) -> list[str]:
+    """Where llama.cpp's run of the file differs from gptlab's only past some length, said before writing."""
+    out = []
+    if arch not in SWA and cfg.sliding_window and cfg.sliding_window < cfg.block_size:
+        out.append(f"llama.cpp's {arch} architecture attends over the whole context; this model's sliding window "
+                   f"({cfg.sliding_window}) makes its outputs differ beyond that many tokens")
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("rope_type") == "longrope" and cfg.block_size > scaling["original_max_position_embeddings"]:
+        original = scaling["original_max_position_embeddings"]
+        out.append(f"llama.cpp turns every position with LongRoPE's long factors once its context (n_ctx) is over "
+                   f"{original}, gptlab only sequences longer than that: load it with n_ctx <= {original} for "
+                   "gptlab's outputs on shorter sequences")
+    return out
 
 
 def permute_rotary(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -62,34 +179,67 @@ def permute_rotary(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 def gguf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
     """Our weights under llama.cpp's names, in the layout its kernels take."""
-    out = {"token_embd.weight": state["transformer.wte.weight"]}
-    norm = (lambda t: t + 1) if arch == "gemma" else (lambda t: t)  # llama.cpp's Gemma multiplies by the weight
-    out["output_norm.weight"] = norm(state["transformer.ln_f.weight"])
+    shift = 1 if cfg.norm_offset else 0  # llama.cpp's Gemma multiplies by the weight: (1 + w) goes in the file
+    out = {"token_embd.weight": state["transformer.wte.weight"],
+           "output_norm.weight": state["transformer.ln_f.weight"] + shift}
     if arch == "gpt2":
         out["position_embd.weight"] = state["transformer.wpe.weight"]
         out["output_norm.bias"] = state["transformer.ln_f.bias"]
-    if not cfg.tie_embeddings:
-        out["output.weight"] = state["lm_head.weight"]
-    q, kv = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    if not cfg.tie_embeddings or arch in UNTIED:
+        out["output.weight"] = state.get("lm_head.weight", state["transformer.wte.weight"])
     for i in range(cfg.n_layer):
-        o, b = f"transformer.h.{i}.", f"blk.{i}."
-        out[b + "attn_norm.weight"] = norm(state[o + "ln_1.weight"])
-        out[b + "ffn_norm.weight"] = norm(state[o + "ln_2.weight"])
-        out[b + "attn_output.weight"] = state[o + "attn.c_proj.weight"]
-        out[b + "ffn_down.weight"] = state[o + "mlp.c_proj.weight"]
-        if arch == "gpt2":
-            for ours, theirs in (("ln_1", "attn_norm"), ("ln_2", "ffn_norm"), ("attn.c_attn", "attn_qkv"),
-                                 ("attn.c_proj", "attn_output"), ("mlp.c_fc", "ffn_up"), ("mlp.c_proj", "ffn_down")):
-                out[f"{b}{theirs}.bias"] = state[f"{o}{ours}.bias"]
-            out[b + "attn_qkv.weight"] = state[o + "attn.c_attn.weight"]
-            out[b + "ffn_up.weight"] = state[o + "mlp.c_fc.weight"]
-            continue
-        wq, wk, wv = state[o + "attn.c_attn.weight"].split([q, kv, kv])
-        if arch == "llama":
-            wq, wk = permute_rotary(wq, cfg.n_head), permute_rotary(wk, cfg.kv_heads)
-        out[b + "attn_q.weight"], out[b + "attn_k.weight"], out[b + "attn_v.weight"] = wq, wk, wv
-        out[b + "ffn_gate.weight"], out[b + "ffn_up.weight"] = state[o + "mlp.c_fc.weight"].chunk(2)
+        out.update(layer_tensors(state, cfg, arch, i))
+    out.update(rope_tensors(cfg))
     return {k: v.detach().float().contiguous() for k, v in out.items()}
+
+
+def layer_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig, arch: str, i: int) -> dict[str, torch.Tensor]:
+    """Layer i's norms, attention and MLP, weights and biases where the model has them."""
+    o, b = f"transformer.h.{i}.", f"blk.{i}."
+    out = {}
+    for ours, theirs in NORMS.items():
+        if o + ours + ".weight" in state:
+            out[f"{b}{theirs}.weight"] = state[o + ours + ".weight"] + (1 if cfg.norm_offset else 0)  # Gemma's 1 + w
+        if o + ours + ".bias" in state:
+            out[f"{b}{theirs}.bias"] = state[o + ours + ".bias"]
+    q, kv = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    for part in ("weight", "bias"):
+        if o + "attn.c_attn." + part in state:
+            qkv = state[o + "attn.c_attn." + part]
+            if arch in FUSED:
+                out[f"{b}attn_qkv.{part}"] = qkv
+            else:
+                wq, wk, wv = qkv.split([q, kv, kv])
+                if arch in NORMAL_ROPE:
+                    wq, wk = permute_rotary(wq, cfg.n_head), permute_rotary(wk, cfg.kv_heads)
+                out[f"{b}attn_q.{part}"], out[f"{b}attn_k.{part}"], out[f"{b}attn_v.{part}"] = wq, wk, wv
+        if o + "mlp.c_fc." + part in state:
+            fc = state[o + "mlp.c_fc." + part]
+            if arch in FUSED:  # GPT-2's one up projection, or Phi-3's gate and up side by side, as llama.cpp's
+                out[f"{b}ffn_up.{part}"] = fc
+            else:
+                out[f"{b}ffn_gate.{part}"], out[f"{b}ffn_up.{part}"] = fc.chunk(2)
+        for ours, theirs in (("attn.c_proj", "attn_output"), ("mlp.c_proj", "ffn_down")):
+            if f"{o}{ours}.{part}" in state:
+                out[f"{b}{theirs}.{part}"] = state[f"{o}{ours}.{part}"]
+    return out
+
+
+def rope_tensors(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Per-pair rotary factors llama.cpp divides each frequency by: Llama 3's from gptlab's own rope (the default
+    frequencies over the scaled ones), LongRoPE's as the config gives them."""
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type")
+    if kind == "llama3":
+        one = torch.tensor(1)
+        plain, _ = inverse_frequencies(cfg.rotary_dims, cfg.rope_theta, None, cfg.block_size, one, torch.device("cpu"))
+        scaled, _ = inverse_frequencies(cfg.rotary_dims, cfg.rope_theta, scaling, cfg.block_size, one,
+                                        torch.device("cpu"))
+        return {"rope_freqs.weight": plain.double() / scaled.double()}
+    if kind == "longrope":
+        return {"rope_factors_long.weight": torch.tensor(scaling["long_factor"], dtype=torch.float32),
+                "rope_factors_short.weight": torch.tensor(scaling["short_factor"], dtype=torch.float32)}
+    return {}
 
 
 def add_hparams(writer, cfg: ModelConfig, arch: str) -> None:
@@ -106,9 +256,54 @@ def add_hparams(writer, cfg: ModelConfig, arch: str) -> None:
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_key_length(cfg.head_dim)
     writer.add_value_length(cfg.head_dim)
-    if arch == "llama":
-        writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_dimension_count(cfg.rotary_dims)
+    if arch in NORMAL_ROPE:
         writer.add_vocab_size(cfg.vocab_size)
+    add_rope_scaling(writer, cfg)
+    add_windows(writer, cfg, arch)
+    if cfg.attn_softcap is not None:
+        writer.add_attn_logit_softcapping(cfg.attn_softcap)
+    if cfg.logit_softcap is not None:
+        writer.add_final_logit_softcapping(cfg.logit_softcap)
+
+
+def add_rope_scaling(writer, cfg: ModelConfig) -> None:
+    """Linear and YaRN as rope.scaling.* keys; LongRoPE's original context and attention factor (its factors are
+    tensors, as are Llama 3's)."""
+    gguf = _gguf()
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type")
+    if kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(scaling["factor"])
+    elif kind in ("yarn", "longrope"):
+        original = scaling["original_max_position_embeddings"]
+        writer.add_rope_scaling_orig_ctx_len(original)
+        if kind == "yarn":  # llama.cpp derives YaRN's attention factor (0.1 ln s + 1) from the factor itself
+            writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            writer.add_rope_scaling_factor(scaling.get("factor") or cfg.block_size / original)
+        else:
+            _, attention = inverse_frequencies(cfg.rotary_dims, cfg.rope_theta, scaling, cfg.block_size,
+                                               torch.tensor(1), torch.device("cpu"))
+            writer.add_rope_scaling_attn_factors(attention)
+
+
+def add_windows(writer, cfg: ModelConfig, arch: str) -> None:
+    """Sliding windows where llama.cpp's architecture has them: the width, which layers slide (only where that is
+    not the architecture's default) and their own rope base."""
+    if arch == "phi3":  # as llama.cpp's converter writes it; its phi3 attends over the whole context anyway
+        writer.add_sliding_window(cfg.sliding_window or 0)
+    if arch not in SWA:
+        return
+    layers = sliding(cfg)
+    if not any(layers):
+        if arch == "gemma2":  # llama.cpp's Gemma 2 always slides some layers: a window as wide as the context
+            writer.add_sliding_window(cfg.block_size)
+        return
+    writer.add_sliding_window(cfg.sliding_window)
+    if layers != default_pattern(arch, cfg.n_layer):
+        writer.add_sliding_window_pattern(layers)
+    writer.add_rope_freq_base_swa(cfg.rope_local_theta or cfg.rope_theta)
 
 
 def add_tokenizer(writer, tokenizer: Tokenizer, vocab_size: int) -> None:
@@ -184,9 +379,8 @@ def export_gguf(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str],
         from gptlab.quant.layers import dequantize_model
 
         dequantize_model(model)
-    if cfg.sliding_window and cfg.sliding_window < cfg.block_size:
-        print(f"gptlab: note: llama.cpp's llama architecture attends over the whole context; this model's sliding "
-              f"window ({cfg.sliding_window}) makes its outputs differ beyond that many tokens", file=sys.stderr)
+    for note in notes(cfg, arch):
+        print(f"gptlab: note: {note}", file=sys.stderr)
     state = model_state(model)
     extra = set(state) - set(model_state(build_on_meta(cfg)))
     if extra:
