@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
 from gptlab.loss import linear_cross_entropy
-from gptlab.rope import Rope, apply_rope, inverse_frequencies, rope_tables
+from gptlab.rope import Frequencies, Rope, apply_rope, rope_tables
 
 Ropes = dict[str, Rope]  # the rotary tables of this forward, by layer kind ("full_attention", "sliding_attention")
 
@@ -248,6 +248,7 @@ class GPT(nn.Module):
         self.prompt: nn.Module | None = None
         self.prefix: nn.Module | None = None
         self.quantization = None  # a QuantSpec once the Linear layers are quantized (gptlab/quant)
+        self.frequencies: dict[tuple[str, torch.device], Frequencies] = {}  # rotary, per layer kind and device
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
@@ -299,13 +300,12 @@ class GPT(nn.Module):
         seq_len = pos.max() + 1  # what length-dependent rope scaling reads, kept on the device
         ropes = {}
         for kind in {cfg.layer_type(i) for i in range(cfg.n_layer)}:
-            if kind == "sliding_attention" and cfg.rope_local_theta:  # Gemma 3's local layers: their own base
-                inv, attention = inverse_frequencies(cfg.rotary_dims, cfg.rope_local_theta, None, cfg.block_size,
-                                                     seq_len, x.device)
-            else:
-                inv, attention = inverse_frequencies(cfg.rotary_dims, cfg.rope_theta, cfg.rope_scaling,
-                                                     cfg.block_size, seq_len, x.device)
-            ropes[kind] = rope_tables(pos, inv, attention, x.dtype)
+            key = (kind, x.device)
+            if key not in self.frequencies:
+                local = kind == "sliding_attention" and cfg.rope_local_theta  # Gemma 3's local layers: own base
+                self.frequencies[key] = Frequencies(cfg.rotary_dims, cfg.rope_local_theta if local else cfg.rope_theta,
+                                                    None if local else cfg.rope_scaling, cfg.block_size, x.device)
+            ropes[kind] = rope_tables(pos, *self.frequencies[key].at(seq_len), x.dtype)
         return self.transformer.drop(x), ropes
 
     def num_params(self) -> int:

@@ -46,66 +46,86 @@ def check_scaling(scaling: dict[str, Any] | None) -> None:
         raise GptlabError(f"rope scaling {kind!r} {what}")
 
 
-def inverse_frequencies(dims: int, theta: float, scaling: dict[str, Any] | None, context: int,
-                        seq_len: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies (dims/2,) and the factor on cos and sin, for sequences `seq_len` long (a 0-d tensor,
-    read only by the length-dependent types, without a host sync). `context` is max_position_embeddings."""
-    exponents = torch.arange(0, dims, 2, device=device, dtype=torch.int64).float() / dims  # (dims/2,)
-    inv = 1.0 / theta ** exponents
-    kind = (scaling or {}).get("rope_type", "default")
-    if kind == "default":
-        return inv, 1.0
-    s = scaling
-    if kind == "linear":
-        return inv / s["factor"], 1.0
-    if kind == "dynamic":  # the base grows with the sequence past the original context; within it, plain rope
-        original = s.get("original_max_position_embeddings", context)
-        factor, length = s["factor"], torch.clamp(seq_len, min=original).float()
-        base = theta * ((factor * length / original) - (factor - 1)) ** (dims / (dims - 2))
-        return 1.0 / base ** exponents, 1.0
-    original = s["original_max_position_embeddings"]
-    if kind == "llama3":
-        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-        wavelen = 2 * math.pi / inv
-        scaled = torch.where(wavelen > original / low, inv / factor, inv)  # slow dimensions: interpolated
-        smooth = (original / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < original / high) * ~(wavelen > original / low)
-        return torch.where(medium, smoothed, scaled), 1.0
-    factor = s.get("factor") or context / original
-    if kind == "longrope":  # Phi-3/4: a learned stretch per dimension pair, the long set past the original context
+class Frequencies:
+    """A layer kind's inverse frequencies, computed once per device: `at(seq_len)` gives them (dims/2,) and the
+    factor on cos and sin for sequences `seq_len` long (a 0-d tensor, read only by the length-dependent types, with
+    no host sync and no new host-to-device copy, so that a decode step can be captured in a CUDA graph). `context`
+    is max_position_embeddings."""
+
+    def __init__(self, dims: int, theta: float, scaling: dict[str, Any] | None, context: int,
+                 device: torch.device) -> None:
+        self.dims, self.theta, self.context = dims, theta, context
+        self.exponents = torch.arange(0, dims, 2, device=device, dtype=torch.int64).float() / dims  # (dims/2,)
+        self.s = scaling or {}
+        self.kind = self.s.get("rope_type", "default")
+        self.inv, self.attention = self._static(device)
+
+    def _static(self, device: torch.device) -> tuple[torch.Tensor, float]:
+        s, theta = self.s, self.theta
+        inv = 1.0 / theta ** self.exponents
+        if self.kind in ("default", "dynamic"):
+            return inv, 1.0
+        if self.kind == "linear":
+            return inv / s["factor"], 1.0
+        original = s["original_max_position_embeddings"]
+        if self.kind == "llama3":
+            factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+            wavelen = 2 * math.pi / inv
+            scaled = torch.where(wavelen > original / low, inv / factor, inv)  # slow dimensions: interpolated
+            smooth = (original / wavelen - low) / (high - low)
+            smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+            medium = ~(wavelen < original / high) * ~(wavelen > original / low)
+            return torch.where(medium, smoothed, scaled), 1.0
+        factor = s.get("factor") or self.context / original
+        if self.kind == "longrope":  # Phi-3/4: a learned stretch per dimension pair, long past the original context
+            attention = s.get("attention_factor")
+            if attention is None:
+                attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+            self.short = 1.0 / (torch.tensor(s["short_factor"], dtype=torch.float32, device=device) * theta **
+                                self.exponents)
+            self.long = 1.0 / (torch.tensor(s["long_factor"], dtype=torch.float32, device=device) * theta **
+                               self.exponents)
+            return self.short, attention
+        return self._yarn(factor, original, device)
+
+    def _yarn(self, factor: float, original: int, device: torch.device) -> tuple[torch.Tensor, float]:
+        """YaRN: fast dimensions keep their frequency, slow ones are interpolated, a ramp between; attention scaled."""
+        s, theta, dims = self.s, self.theta, self.dims
         attention = s.get("attention_factor")
         if attention is None:
-            attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
-        short = torch.tensor(s["short_factor"], dtype=torch.float32, device=device)
-        long = torch.tensor(s["long_factor"], dtype=torch.float32, device=device)
-        ext = torch.where(seq_len > original, long, short)  # (dims/2,)
-        return 1.0 / (ext * theta ** exponents), attention
-    # yarn
-    attention = s.get("attention_factor")
-    if attention is None:
-        def mscale(scale: float, m: float = 1.0) -> float:
-            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+            def mscale(scale: float, m: float = 1.0) -> float:
+                return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
 
-        if s.get("mscale") and s.get("mscale_all_dim"):
-            attention = mscale(factor, s["mscale"]) / mscale(factor, s["mscale_all_dim"])
-        else:
-            attention = mscale(factor)
-    fast, slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+            if s.get("mscale") and s.get("mscale_all_dim"):
+                attention = mscale(factor, s["mscale"]) / mscale(factor, s["mscale_all_dim"])
+            else:
+                attention = mscale(factor)
+        fast, slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
 
-    def dim_of(rotations: float) -> float:  # the dimension that turns `rotations` times over the original context
-        return dims * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+        def dim_of(rotations: float) -> float:  # the dimension that turns `rotations` times over the original context
+            return dims * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
-    lo, hi = dim_of(fast), dim_of(slow)
-    if s.get("truncate", True):
-        lo, hi = math.floor(lo), math.ceil(hi)
-    lo, hi = max(lo, 0), min(hi, dims - 1)
-    if lo == hi:
-        hi += 0.001
-    ramp = torch.clamp((torch.arange(dims // 2, dtype=torch.float32, device=device) - lo) / (hi - lo), 0, 1)
-    keep = 1 - ramp  # 1: extrapolate (fast dimensions keep their frequency), 0: interpolate
-    pos_freqs = theta ** exponents
-    return (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep, attention
+        lo, hi = dim_of(fast), dim_of(slow)
+        if s.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, dims - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = torch.clamp((torch.arange(dims // 2, dtype=torch.float32, device=device) - lo) / (hi - lo), 0, 1)
+        keep = 1 - ramp  # 1: extrapolate (fast dimensions keep their frequency), 0: interpolate
+        pos_freqs = theta ** self.exponents
+        return (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep, attention
+
+    def at(self, seq_len: torch.Tensor) -> tuple[torch.Tensor, float]:
+        if self.kind == "longrope":
+            return torch.where(seq_len > self.s["original_max_position_embeddings"], self.long, self.short), \
+                self.attention
+        if self.kind == "dynamic":  # the base grows with the sequence past the original context; within it, plain
+            original = self.s.get("original_max_position_embeddings", self.context)
+            factor, length = self.s["factor"], torch.clamp(seq_len, min=original).float()
+            base = self.theta * ((factor * length / original) - (factor - 1)) ** (self.dims / (self.dims - 2))
+            return 1.0 / base ** self.exponents, 1.0
+        return self.inv, self.attention
 
 
 def rope_tables(pos: torch.Tensor, inv_freq: torch.Tensor, attention: float, dtype: torch.dtype) -> Rope:

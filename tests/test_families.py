@@ -103,6 +103,10 @@ def test_family_matches_transformers_both_ways(tmp_path, tokenizer, kind):
     got = [int(t) for t in Engine(model).generate_ids([prompt[0].tolist()], 30, SamplingParams(temperature=0),
                                                       stop_ids=tokenizer.eos_id)]
     assert got == greedy
+    if (model.config.rope_scaling or {}).get("rope_type") not in ("dynamic", "longrope"):  # length-dependent rope
+        with torch.no_grad():  # uncached: each token the argmax of a full forward over all before it
+            whole = model(torch.tensor([prompt[0].tolist() + got]))[0, 5:-1].argmax(-1).tolist()
+        assert whole == got
     export_hf(tmp_path / "ckpt", tmp_path / "out")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert type(again).__name__ == type(hf).__name__

@@ -4,6 +4,7 @@ llama-cpp-python is installed: `make test-llama-cpp`) llama.cpp's tokens and log
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -21,8 +22,24 @@ from .conftest import TEXT, make_hf_gpt2
 from .test_families import build
 
 gguf = pytest.importorskip("gguf")
-KINDS = ("gpt2", "llama", "gemma", "char")
-ARCH = {"gpt2": "gpt2", "llama": "llama", "gemma": "gemma", "char": "gpt2"}
+# kind -> (tests/test_families.py's family, its fields changed to a shape llama.cpp's architecture runs as gptlab does)
+FAMILY_KINDS = {
+    "llama3": ("llama3", {}),
+    "qwen2": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=2, use_sliding_window=False)),
+    "qwen3": ("qwen3", dict(hidden_size=64, head_dim=32)),  # heads * head_dim != hidden_size
+    "gemma2": ("gemma2", dict(query_pre_attn_scalar=16)),  # llama.cpp scales by head_dim's root
+    # sliding layers 0 and 2: not llama.cpp's default pattern of 6
+    "gemma3": ("gemma3", dict(num_attention_heads=4, head_dim=32, query_pre_attn_scalar=32)),
+    # short factors only: llama.cpp runs it with n_ctx <= the original context (the slow test does)
+    "phi3": ("phi3", dict(max_position_embeddings=128, original_max_position_embeddings=64, rope_parameters=dict(
+        rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.5, short_factor=[1.0, 1.5, 2.0, 2.5],
+        long_factor=[2.0, 4.0, 8.0, 9.0]))),
+    "olmo2": ("olmo2", dict(max_position_embeddings=128, rope_parameters=dict(rope_type="default", rope_theta=1e4))),
+    "smollm3": ("smollm3", dict(num_hidden_layers=4, no_rope_layer_interval=4)),  # llama.cpp's every 4th layer
+}
+KINDS = ("gpt2", "llama", "gemma", "char", *FAMILY_KINDS)
+ARCH = {"gpt2": "gpt2", "llama": "llama", "gemma": "gemma", "char": "gpt2", "llama3": "llama", **{
+    k: k for k in ("qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "smollm3")}}
 PROMPT = "The train left the"
 
 
@@ -34,8 +51,10 @@ def checkpoints(tmp_path_factory, tokenizer) -> dict:
     make_hf_gpt2(root / "hf-gpt2", tokenizer, n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=320,
                  initializer_range=0.2)
     import_hf(root / "hf-gpt2", root / "gpt2")
-    for kind in ("llama", "gemma"):
-        build(kind, root / f"hf-{kind}", tokenizer, hidden_size=64, intermediate_size=96, initializer_range=0.2)
+    families = {"llama": ("llama", {}), "gemma": ("gemma", {}), **FAMILY_KINDS}
+    for kind, (family, fields) in families.items():
+        build(family, root / f"hf-{kind}", tokenizer, **{**dict(hidden_size=64, intermediate_size=96,
+                                                               initializer_range=0.2), **fields})
         import_hf(root / f"hf-{kind}", root / kind)
     chars = Tokenizer.train_char([TEXT])  # a character tokenizer: llama.cpp's SentencePiece-style vocabulary
     torch.manual_seed(0)
@@ -64,35 +83,91 @@ def unrotate(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, w.shape[0] // heads // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
 
 
+def llama3_factors(cfg: ModelConfig) -> np.ndarray:
+    """Llama 3.1's per-pair rope factors, written out from Meta's rule: wavelengths under the original context over
+    high_freq_factor kept, those over it / low_freq_factor divided by `factor`, a smooth ramp between."""
+    s = cfg.rope_scaling
+    original, low, high, factor = (s["original_max_position_embeddings"], s["low_freq_factor"], s["high_freq_factor"],
+                                   s["factor"])
+    freqs = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2) / cfg.head_dim)
+    out = []
+    for wavelen in 2 * np.pi / freqs:
+        smooth = (original / wavelen - low) / (high - low)
+        out.append(1.0 if wavelen < original / high else factor if wavelen > original / low else
+                   1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
 def expected_tensors(kind: str, model: GPT) -> dict[str, np.ndarray]:
     """What each GGUF tensor must hold, written out from our own parameter names."""
-    cfg = model.config
+    cfg, arch = model.config, ARCH[kind]
     s = {k: v.float().numpy() for k, v in model_state(model).items()}
-    plus = 1.0 if kind == "gemma" else 0.0
+    plus = 1.0 if cfg.norm_offset else 0.0  # Gemma's (1 + w)
     out = {"token_embd.weight": s["transformer.wte.weight"], "output_norm.weight": s["transformer.ln_f.weight"] + plus}
-    if ARCH[kind] == "gpt2":
+    if arch == "gpt2":
         out["position_embd.weight"] = s["transformer.wpe.weight"]
         out["output_norm.bias"] = s["transformer.ln_f.bias"]
-    if not cfg.tie_embeddings:
-        out["output.weight"] = s["lm_head.weight"]
+    if not cfg.tie_embeddings or arch == "olmo2":  # llama.cpp's OLMo 2 always reads its own output matrix
+        out["output.weight"] = s.get("lm_head.weight", s["transformer.wte.weight"])
     q, kv = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    norms = {"attn_norm": "ln_1", "ffn_norm": "ln_2", "post_attention_norm": "post_attn_norm",
+             "post_ffw_norm": "post_mlp_norm", "attn_q_norm": "attn.q_norm", "attn_k_norm": "attn.k_norm"}
     for i in range(cfg.n_layer):
         p = f"transformer.h.{i}."
-        names = {"attn_norm": "ln_1", "ffn_norm": "ln_2", "attn_output": "attn.c_proj", "ffn_down": "mlp.c_proj"}
-        if ARCH[kind] == "gpt2":
+        names = {"attn_output": "attn.c_proj", "ffn_down": "mlp.c_proj"}
+        if arch in ("gpt2", "phi3"):  # one qkv matrix, one up matrix (Phi-3's gate and up side by side)
             names.update(attn_qkv="attn.c_attn", ffn_up="mlp.c_fc")
-            for theirs, ours in names.items():
-                out[f"blk.{i}.{theirs}.bias"] = s[f"{p}{ours}.bias"]
-        for theirs, ours in names.items():
-            out[f"blk.{i}.{theirs}.weight"] = s[f"{p}{ours}.weight"] + (plus if "norm" in theirs else 0.0)
-        if ARCH[kind] != "gpt2":
-            qkv = s[p + "attn.c_attn.weight"]
-            out[f"blk.{i}.attn_q.weight"], out[f"blk.{i}.attn_k.weight"] = qkv[:q], qkv[q:q + kv]
-            out[f"blk.{i}.attn_v.weight"] = qkv[q + kv:]
+        for theirs, ours in {**norms, **names}.items():
+            for part in ("weight", "bias"):
+                if f"{p}{ours}.{part}" in s:
+                    shift = plus if theirs in norms and part == "weight" else 0.0
+                    out[f"blk.{i}.{theirs}.{part}"] = s[f"{p}{ours}.{part}"] + shift
+        if arch not in ("gpt2", "phi3"):
+            for part in ("weight", "bias"):
+                if f"{p}attn.c_attn.{part}" in s:
+                    qkv = s[f"{p}attn.c_attn.{part}"]
+                    out[f"blk.{i}.attn_q.{part}"], out[f"blk.{i}.attn_k.{part}"] = qkv[:q], qkv[q:q + kv]
+                    out[f"blk.{i}.attn_v.{part}"] = qkv[q + kv:]
             hidden = s[p + "mlp.c_fc.weight"].shape[0] // 2
             out[f"blk.{i}.ffn_gate.weight"] = s[p + "mlp.c_fc.weight"][:hidden]
             out[f"blk.{i}.ffn_up.weight"] = s[p + "mlp.c_fc.weight"][hidden:]
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("rope_type") == "llama3":
+        out["rope_freqs.weight"] = llama3_factors(cfg)
+    if scaling.get("rope_type") == "longrope":
+        out["rope_factors_long.weight"] = np.array(scaling["long_factor"], dtype=np.float32)
+        out["rope_factors_short.weight"] = np.array(scaling["short_factor"], dtype=np.float32)
     return out
+
+
+def arch_keys(kind: str, cfg: ModelConfig) -> tuple[dict, set[str]]:
+    """The keys llama.cpp reads for this kind's architecture with the values they must have, and keys that must
+    not be there (their absence is what llama.cpp must see)."""
+    arch = ARCH[kind]
+    a = f"{arch}."
+    want: dict = {a + "rope.dimension_count": cfg.rotary_dims} if arch != "gpt2" else {}
+    absent: set[str] = set()
+    if arch in ("llama", "smollm3"):
+        want[a + "vocab_size"] = cfg.vocab_size
+    if kind == "llama3":  # its scaling is the rope_freqs tensor alone
+        absent |= {a + "rope.scaling.type", a + "rope.scaling.factor"}
+    if kind == "qwen3":
+        want.update({a + "rope.scaling.type": "yarn", a + "rope.scaling.factor": pytest.approx(4.0),
+                     a + "rope.scaling.original_context_length": 32})
+    if kind == "gemma2":  # layers 0 and 2 slide: llama.cpp's default pattern for Gemma 2, so none is written
+        want.update({a + "attention.sliding_window": 8, a + "attn_logit_softcapping": pytest.approx(2.0),
+                     a + "final_logit_softcapping": pytest.approx(3.0), a + "rope.freq_base_swa": pytest.approx(1e4)})
+        absent.add(a + "attention.sliding_window_pattern")
+    if kind == "gemma3":
+        want.update({a + "attention.sliding_window": 8, a + "attention.sliding_window_pattern": [True, False, True],
+                     a + "rope.freq_base_swa": pytest.approx(1e4), a + "rope.scaling.type": "linear",
+                     a + "rope.scaling.factor": pytest.approx(4.0)})
+        absent |= {a + "attn_logit_softcapping", a + "final_logit_softcapping"}
+    if kind == "phi3":
+        want.update({a + "rope.dimension_count": 8, a + "rope.scaling.original_context_length": 64,
+                     a + "rope.scaling.attn_factor": pytest.approx(math.sqrt(1 + math.log(2) / math.log(64))),
+                     a + "attention.sliding_window": 0})
+    return want, absent
 
 
 @pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
@@ -115,8 +190,10 @@ def test_gguf_holds_every_tensor_and_key(checkpoints, tmp_path, kind, dtype):
         want.update({f"{arch}.attention.head_count_kv": cfg.kv_heads, f"{arch}.attention.key_length": cfg.head_dim,
                      f"{arch}.attention.layer_norm_rms_epsilon": pytest.approx(cfg.norm_eps),
                      f"{arch}.rope.freq_base": pytest.approx(cfg.rope_theta)})
-    for key, value in want.items():
+    extra, absent = arch_keys(kind, cfg)
+    for key, value in {**want, **extra}.items():
         assert field(reader, key) == value, key
+    assert not absent & set(reader.fields), absent & set(reader.fields)
     tokens = field(reader, "tokenizer.ggml.tokens")
     assert len(tokens) == cfg.vocab_size and tokens[tokenizer.eos_id] == "<|endoftext|>"
     if kind == "char":
@@ -137,9 +214,11 @@ def test_gguf_holds_every_tensor_and_key(checkpoints, tmp_path, kind, dtype):
             data = gguf.quants.dequantize(t.data, t.tensor_type).reshape(want_t.shape)
         else:
             data = np.asarray(t.data, dtype=np.float32).reshape(want_t.shape)
-        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+        if arch in ("llama", "smollm3") and name.endswith(("attn_q.weight", "attn_k.weight")):
             data = unrotate(data, cfg.n_head if "attn_q" in name else cfg.kv_heads)
-        if want_t.ndim == 1 or dtype == "f32":
+        if name == "rope_freqs.weight":  # gptlab's own float32 rope against the rule in float64
+            np.testing.assert_allclose(data, want_t, rtol=1e-6)
+        elif want_t.ndim == 1 or dtype == "f32":
             assert t.tensor_type == gguf.GGMLQuantizationType.F32, name
             np.testing.assert_array_equal(data, want_t, err_msg=name)
         elif dtype == "f16":
