@@ -3,7 +3,10 @@
 Decoding one sequence is bound by reading every weight once per token, so each result is also given as a fraction of
 that bound: (copy bandwidth measured here) / (weight bytes read per token).
 
-    python benchmarks/generate.py [--device cpu|cuda] [--reps 3] [--new-tokens 128]
+    python benchmarks/generate.py [--device cpu|cuda] [--reps 3] [--new-tokens 128] [--shape gpt2|llama-3.2-1b|...]
+
+`--shape` takes GPT-2 124M (the default) or any family preset (`gptlab presets`): transformers builds that family's
+model with random weights of the real shape and gptlab imports the same weights.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from gptlab.checkpoint import load_model
 from gptlab.config import ModelConfig
 from gptlab.generate import Engine, SamplingParams
 from gptlab.inference import prepare_for_inference
+from gptlab.interop import families
 from gptlab.interop.hf import config_from_hf, state_from_hf
 
 GREEDY = SamplingParams(temperature=0)
@@ -49,6 +53,28 @@ def bandwidths(device: str, nbytes: int = 1 << 29) -> tuple[float, float]:
     return nbytes / copy, nbytes / read
 
 
+def build_pair(shape: str, dev: str, dtype: str) -> tuple[torch.nn.Module, ModelConfig, dict[str, torch.Tensor]]:
+    """transformers' model of `shape` with random weights, gptlab's config of it, and the same weights by gptlab's
+    names (shared with transformers' tensors: no second copy)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    if shape == "gpt2":
+        hf = GPT2LMHeadModel(GPT2Config()).eval().to(dev)  # GPT-2 124M
+        config: ModelConfig = config_from_hf(hf.config.to_dict())
+        return hf, config, {k: v.detach() for k, v in state_from_hf(hf.state_dict()).items() if k != "lm_head.weight"}
+    config = ModelConfig.from_preset(shape)
+    if config.family not in families.FAMILIES:
+        raise SystemExit(f"--shape takes gpt2 or a rotary family preset, not {shape}")
+    ids = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 0}
+    hf_config = AutoConfig.for_model(**families.config_to_hf(config, ids, config.family))
+    hf = AutoModelForCausalLM.from_config(hf_config, dtype=getattr(torch, dtype)).eval().to(dev)
+    state = families.state_from_hf({k: v.detach() for k, v in hf.state_dict().items()}, config, config.family)
+    if config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return hf, config, state
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -60,17 +86,14 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--compile", action="store_true", help="torch.compile gptlab's forward (GPU)")
     parser.add_argument("--cases", default="decode1,decodeB,prefill")
+    parser.add_argument("--shape", default="gpt2", help="gpt2 (124M) or a family preset such as llama-3.2-1b")
     args = parser.parse_args()
 
     import transformers
-    from transformers import GPT2Config, GPT2LMHeadModel
 
     dev = args.device
-    torch.manual_seed(0)
-    hf_cfg = GPT2Config()  # GPT-2 124M
-    hf = GPT2LMHeadModel(hf_cfg).eval().to(dev)
-    config: ModelConfig = config_from_hf(hf_cfg.to_dict())
-    state = {k: v.detach().clone() for k, v in state_from_hf(hf.state_dict()).items() if k != "lm_head.weight"}
+    hf, config, state = build_pair(args.shape, dev, args.dtypes.split(",")[0])
+    hf_cfg = hf.config
     bandwidth, read_bandwidth = bandwidths(dev)
     print(f"# machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, transformers {transformers.__version__}, device {dev}"
@@ -96,12 +119,13 @@ def main() -> None:
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         hf.to(dtype)
-        ours = prepare_for_inference(load_model(config, state).to(dev, dtype))  # as `gptlab.load` does
+        ours = prepare_for_inference(load_model(config, {k: v.to(dtype) for k, v in state.items()}).to(dev, dtype))
         if args.compile:
             ours.forward = torch.compile(ours.forward, dynamic=False)
         engine = Engine(ours)
-        # every weight but the position table (one row per token) is read once per decoded token
-        weight_bytes = (hf.num_parameters() - config.block_size * config.n_embd) * torch.finfo(dtype).bits // 8
+        # every weight but a position table (one row per token) is read once per decoded token
+        positions = config.block_size * config.n_embd if config.pos == "learned" else 0
+        weight_bytes = (hf.num_parameters() - positions) * torch.finfo(dtype).bits // 8
         bound = bandwidth / weight_bytes  # tokens/s if every weight is read once per token
         agree[dtype_name] = hf_run(prompt, 32).tolist() == our_run(prompt, 32).tolist()  # also warms up both
         cases = {  # name -> (label, prompt ids, new tokens, tokens counted)

@@ -8,7 +8,13 @@ settings that trade compile time or kernels for speed; MFU is printed where the 
 
 quickstart: 4 layers, 4 heads, 128 wide, context 64, batch 12, a character vocabulary.
 gpt2: GPT-2 124M, context 256, batch 4.
+Any family preset (`gptlab presets`, e.g. llama-3.2-1b): random weights of its real shape, context `--context`,
+batch 1, against transformers' own class of that family.
 Each shape runs in float32 and under bf16 autocast, both libraries alike; ratios are to transformers in float32.
+
+`--method lora`: LoRA r=8 (alpha 16) on every attention and MLP Linear instead of full training, as a user runs it in
+each library: gptlab's LoRA with its frozen Linear weights in bf16 (as `gptlab finetune` keeps them), against peft on
+a transformers model loaded in bf16 (float32 adapters, peft's default), both under bf16 autocast.
 """
 
 from __future__ import annotations
@@ -24,11 +30,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gptlab.allocator import tune_for_tensors
 from gptlab.config import ModelConfig
+from gptlab.interop import families
 from gptlab.loss import default_chunk
 from gptlab.model import GPT, build_on_meta
+from gptlab.peft.lora import LoRA
 from gptlab.train.config import TrainConfig
 from gptlab.train.distributed import Dist
-from gptlab.train.loop import train_step
+from gptlab.train.loop import store_frozen_linears, train_step
 from gptlab.train.metrics import flops_per_token, peak_flops
 from gptlab.train.optim import build_optimizer
 
@@ -47,15 +55,22 @@ def sync(device: str) -> None:
 
 
 def gptlab_step(cfg: ModelConfig, batch: int, data: torch.Tensor, dtype: str, compile_mode: str | None,
-                loss_chunk: int | None = None, attention: str = "auto") -> Callable[[int], None]:
+                loss_chunk: int | None = None, attention: str = "auto", lora: bool = False) -> Callable[[int], None]:
     """gptlab's real training step: the loop's `train_step` with the loop's optimizer (and its loss_chunk default)."""
     tcfg = TrainConfig(batch_size=batch, dtype=dtype, lr=1e-4, warmup_steps=0, loss_chunk=loss_chunk)
     torch.manual_seed(0)
     d = Dist(device=data.device)
     model = GPT(cfg).to(d.device).train()
     model.loss_chunk = loss_chunk if loss_chunk is not None else default_chunk(d.device)
-    opt = build_optimizer(list(model.named_parameters()), tcfg, d.device)
-    params = list(model.parameters())
+    named = list(model.named_parameters())
+    if lora:
+        method = LoRA(r=8, alpha=16)
+        method.attach(model)
+        if dtype == "bfloat16":
+            store_frozen_linears(model, torch.bfloat16)
+        named = method.trainable(model)
+    opt = build_optimizer(named, tcfg, d.device)
+    params = [p for _, p in named]
     scaler = torch.amp.GradScaler(d.device.type, enabled=False)
     forward = torch.compile(model, mode=compile_mode) if compile_mode else model
     kernel = contextlib.nullcontext() if attention == "auto" else sdpa_kernel(ATTENTION[attention])
@@ -67,23 +82,41 @@ def gptlab_step(cfg: ModelConfig, batch: int, data: torch.Tensor, dtype: str, co
     return step
 
 
-def hf_step(cfg: ModelConfig, data: torch.Tensor, dtype: str) -> Callable[[int], None]:
-    """The usual Hugging Face loop: GPT2LMHeadModel, torch.optim.AdamW, clipping."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+def hf_model(cfg: ModelConfig, dtype: torch.dtype) -> torch.nn.Module:
+    """transformers' model of the shape: GPT2LMHeadModel, or the family's own class."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                                       n_positions=cfg.block_size, vocab_size=cfg.vocab_size, resid_pdrop=0.0,
-                                       embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-                            ).to(data.device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    if cfg.family in families.FAMILIES:
+        ids = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 0}
+        config = AutoConfig.for_model(**families.config_to_hf(cfg, ids, cfg.family))
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return GPT2LMHeadModel(GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                                      n_positions=cfg.block_size, vocab_size=cfg.vocab_size, resid_pdrop=0.0,
+                                      embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)).to(dtype)
+
+
+def hf_step(cfg: ModelConfig, data: torch.Tensor, dtype: str, lora: bool = False) -> Callable[[int], None]:
+    """The usual Hugging Face loop: the model, torch.optim.AdamW, clipping; with `lora`, peft's LoRA on a model
+    loaded in bf16, as its users load it."""
+    base_dtype = torch.bfloat16 if lora and dtype == "bfloat16" else torch.float32
+    model = hf_model(cfg, base_dtype).to(data.device).train()
+    if lora:
+        import peft
+
+        targets = ["c_attn", "c_proj", "c_fc"] if cfg.pos == "learned" else \
+            ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                           target_modules=targets,
+                                                           fan_in_fan_out=cfg.pos == "learned"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.1)
 
     def step(i: int) -> None:
         x = data[i % len(data), :, :-1]  # transformers shifts the labels itself
         with torch.autocast(data.device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
             loss = model(x, labels=x).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
@@ -92,6 +125,8 @@ def hf_step(cfg: ModelConfig, data: torch.Tensor, dtype: str) -> Callable[[int],
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="quickstart,gpt2")
+    parser.add_argument("--method", default="full", choices=["full", "lora"])
+    parser.add_argument("--context", type=int, default=256, help="sequence length of a family preset's shape")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant and round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
@@ -120,25 +155,26 @@ def main() -> None:
     print(f"| shape | variant | tokens/s | ratio to {'the first row' if args.no_transformers else 'transformers'} |")
     print("|---|---|---:|---:|")
     for shape in args.shapes.split(","):
-        cfg, batch = SHAPES[shape]
+        cfg, batch = SHAPES[shape] if shape in SHAPES else (ModelConfig.from_preset(shape, block_size=args.context), 1)
         batch = args.batch or batch
+        lora = args.method == "lora"
         T, V = cfg.block_size, cfg.vocab_size  # noqa: N806
         g = torch.Generator().manual_seed(0)
         data = torch.randint(0, V, (args.steps * 4, batch, T + 1), generator=g).to(args.device)
         variants = {}
         for dtype in args.dtypes.split(","):
             if not args.no_transformers:
-                variants[f"transformers {dtype}"] = hf_step(cfg, data, dtype)
+                variants[f"transformers {dtype}"] = hf_step(cfg, data, dtype, lora)
             for chunk in [None if c == "default" else int(c) for c in args.loss_chunks.split(",")]:
                 suffix = ("" if chunk is None else f" loss-chunk {chunk}" if chunk else " unfused loss") + \
                     (f" {args.attention} attention" if args.attention != "auto" else "")
                 if not args.only_compiled:
                     variants[f"gptlab {dtype}{suffix}"] = gptlab_step(cfg, batch, data, dtype, None, chunk,
-                                                                      args.attention)
+                                                                      args.attention, lora)
                 if args.compile:
                     mode = "" if args.compile_mode == "default" else f" {args.compile_mode}"
                     variants[f"gptlab {dtype} compiled{mode}{suffix}"] = gptlab_step(
-                        cfg, batch, data, dtype, args.compile_mode, chunk, args.attention)
+                        cfg, batch, data, dtype, args.compile_mode, chunk, args.attention, lora)
         for fn in variants.values():  # warm-up (and compile)
             for i in range(args.warmup):
                 fn(i)

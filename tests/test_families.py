@@ -270,3 +270,27 @@ def test_preset_counts_equal_transformers_model_of_the_same_config(name):
         model = transformers.AutoModelForCausalLM.from_config(config)
     assert type(model).__name__ == hf["architectures"][0]
     assert model.num_parameters() == build_on_meta(cfg).num_params()
+
+
+def test_gemma3_image_and_text_model_imports_as_its_text_model(tmp_path, tokenizer):
+    """Gemma 3 4B and up ship as Gemma3ForConditionalGeneration: its language model comes in, the vision tower
+    stays out, and text-only logits equal transformers'."""
+    import transformers
+
+    text = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, max_position_embeddings=128, sliding_window=8,
+                sliding_window_pattern=2)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=330, boi_token_index=331, eoi_token_index=332)
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    tokenizer.save(tmp_path / "hf" / "tokenizer.json")
+    import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    model, _ = load_checkpoint(tmp_path / "ckpt")
+    assert model.config.family == "gemma3_text" and model.config.qk_norm == "head"
+    idx = torch.randint(0, tokenizer.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), hf(input_ids=idx).logits, atol=1e-5, rtol=1e-5)

@@ -35,7 +35,7 @@ from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
 from gptlab.files import atomic_write
 from gptlab.model import build_on_meta
-from gptlab.rope import inverse_frequencies
+from gptlab.rope import Frequencies
 from gptlab.tokenizer import Tokenizer
 
 DTYPES = ("f32", "f16", "q8_0")
@@ -225,17 +225,19 @@ def layer_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig, arch: str, i
     return out
 
 
+def frequencies(cfg: ModelConfig, scaling: dict | None) -> Frequencies:
+    """gptlab's own rotary frequencies of the full-attention layers, with `scaling` or none."""
+    return Frequencies(cfg.rotary_dims, cfg.rope_theta, scaling, cfg.block_size, torch.device("cpu"))
+
+
 def rope_tensors(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Per-pair rotary factors llama.cpp divides each frequency by: Llama 3's from gptlab's own rope (the default
     frequencies over the scaled ones), LongRoPE's as the config gives them."""
     scaling = cfg.rope_scaling or {}
     kind = scaling.get("rope_type")
     if kind == "llama3":
-        one = torch.tensor(1)
-        plain, _ = inverse_frequencies(cfg.rotary_dims, cfg.rope_theta, None, cfg.block_size, one, torch.device("cpu"))
-        scaled, _ = inverse_frequencies(cfg.rotary_dims, cfg.rope_theta, scaling, cfg.block_size, one,
-                                        torch.device("cpu"))
-        return {"rope_freqs.weight": plain.double() / scaled.double()}
+        plain, scaled = frequencies(cfg, None), frequencies(cfg, scaling)
+        return {"rope_freqs.weight": plain.inv.double() / scaled.inv.double()}
     if kind == "longrope":
         return {"rope_factors_long.weight": torch.tensor(scaling["long_factor"], dtype=torch.float32),
                 "rope_factors_short.weight": torch.tensor(scaling["short_factor"], dtype=torch.float32)}
@@ -283,9 +285,7 @@ def add_rope_scaling(writer, cfg: ModelConfig) -> None:
             writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
             writer.add_rope_scaling_factor(scaling.get("factor") or cfg.block_size / original)
         else:
-            _, attention = inverse_frequencies(cfg.rotary_dims, cfg.rope_theta, scaling, cfg.block_size,
-                                               torch.tensor(1), torch.device("cpu"))
-            writer.add_rope_scaling_attn_factors(attention)
+            writer.add_rope_scaling_attn_factors(frequencies(cfg, scaling).attention)
 
 
 def add_windows(writer, cfg: ModelConfig, arch: str) -> None:

@@ -207,8 +207,9 @@ def import_hf(src: str | os.PathLike[str], out: str | os.PathLike[str], source: 
     hf_config = read_json_object(src / "config.json", missing_ok=False)
     multimodal = hf_config.get("model_type") == "gemma3" and isinstance(hf_config.get("text_config"), dict)
     if multimodal:  # Gemma 3 4B and up: the text model, without the vision tower
-        hf_config = {"model_type": "gemma3_text", **{k: v for k, v in hf_config["text_config"].items()
-                                                      if k not in ("architectures",)}}
+        tied = {"tie_word_embeddings": hf_config["tie_word_embeddings"]} if "tie_word_embeddings" in hf_config else {}
+        hf_config = {**tied, **{k: v for k, v in hf_config["text_config"].items() if k != "architectures"},
+                     "model_type": "gemma3_text"}
     config = config_from_hf(hf_config)
     tokenizer = read_hf_tokenizer(src)
     if tokenizer.vocab_size > config.vocab_size:
