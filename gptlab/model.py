@@ -115,8 +115,9 @@ class CausalSelfAttention(nn.Module):
         self.layer = layer
         self.n_head, self.n_kv, self.hs = config.n_head, config.kv_heads, config.head_dim
         self.window = config.layer_window(layer)  # None: this layer attends over the whole context
-        self.kind = config.layer_type(layer)  # which rotary table it takes; None below: no positional encoding
-        self.rope = self.kind if config.pos == "rope" and layer not in (config.nope_layers or ()) else None
+        # the rotary table this layer takes (that of its attention kind); None: no positions here (SmolLM3's NoPE)
+        self.rope = config.layer_type(layer) if config.pos == "rope" and layer not in (config.nope_layers or ()) \
+            else None
         self.scale = (config.attn_scalar or self.hs) ** -0.5
         self.softcap = config.attn_softcap
         self.dropout = config.dropout

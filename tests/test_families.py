@@ -294,3 +294,40 @@ def test_gemma3_image_and_text_model_imports_as_its_text_model(tmp_path, tokeniz
     idx = torch.randint(0, tokenizer.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(model(idx), hf(input_ids=idx).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(block_norms="sandwich"), "model.block_norms must be one of"),
+    (dict(qk_norm="layer"), "model.qk_norm must be one of"),
+    (dict(pos="rope", rope_scaling={"rope_type": "ntk"}), "unsupported rope scaling 'ntk'"),
+    (dict(pos="rope", rope_scaling={"rope_type": "llama3", "factor": 8.0}), "lacks high_freq_factor"),
+    (dict(pos="rope", rope_scaling={"rope_type": "linear", "factor": 2.0, "beta": 1}), "has unknown beta"),
+    (dict(layer_types=["full_attention"]), "for each of the 2 layers"),
+    (dict(layer_types=["sliding_attention", "full_attention"]), "model.sliding_window is not set"),
+    (dict(nope_layers=[5]), "model.nope_layers must list layer numbers below 2"),
+    (dict(rotary_fraction=1.5), "model.rotary_fraction must be in (0, 1]"),
+    (dict(attn_softcap=-1.0), "model.attn_softcap must be a positive number"),
+])
+def test_bad_family_fields_are_one_line(fields, message):
+    """A config written by hand (YAML, --model.* flags) with a family field out of range: the shared validation
+    says which and why."""
+    from gptlab.config import ModelConfig
+    from gptlab.errors import GptlabError
+
+    with pytest.raises(GptlabError) as caught:
+        ModelConfig(n_layer=2, n_head=2, n_embd=32, **fields)
+    assert message in str(caught.value), str(caught.value)
+
+
+def test_gemma3_local_layers_stay_unscaled_when_both_bases_are_equal(tmp_path, tokenizer):
+    """Gemma 3 scales only its full layers' rope: with one base for both kinds, the sliding layers still take none
+    of the full layers' scaling."""
+    same = {"full_attention": dict(rope_type="linear", factor=4.0, rope_theta=10000.0),
+            "sliding_attention": dict(rope_type="default", rope_theta=10000.0)}
+    hf = build("gemma3", tmp_path / "hf", tokenizer, rope_parameters=same)
+    import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    model, _ = load_checkpoint(tmp_path / "ckpt")
+    assert model.config.rope_local_theta == 10000.0
+    idx = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), hf(idx).logits, atol=1e-5, rtol=1e-5)

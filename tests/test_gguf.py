@@ -3,6 +3,7 @@ llama-cpp-python is installed: `make test-llama-cpp`) llama.cpp's tokens and log
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -27,15 +28,18 @@ FAMILY_KINDS = {
     "llama3": ("llama3", {}),
     "qwen2": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=2, use_sliding_window=False)),
     "qwen3": ("qwen3", dict(hidden_size=64, head_dim=32)),  # heads * head_dim != hidden_size
-    "gemma2": ("gemma2", dict(query_pre_attn_scalar=16)),  # llama.cpp scales by head_dim's root
+    # scaled by head_dim's root, as llama.cpp does; logits capped at 6: still bent, clear of near-ties under Q8_0
+    "gemma2": ("gemma2", dict(query_pre_attn_scalar=16, final_logit_softcapping=6.0)),
     # sliding layers 0 and 2: not llama.cpp's default pattern of 6
     "gemma3": ("gemma3", dict(num_attention_heads=4, head_dim=32, query_pre_attn_scalar=32)),
-    # short factors only: llama.cpp runs it with n_ctx <= the original context (the slow test does)
-    "phi3": ("phi3", dict(max_position_embeddings=128, original_max_position_embeddings=64, rope_parameters=dict(
+    # short factors only: llama.cpp runs it with n_ctx <= the original context (the slow test does; llama.cpp
+    # rounds n_ctx up to a multiple of 256)
+    "phi3": ("phi3", dict(max_position_embeddings=512, original_max_position_embeddings=256, rope_parameters=dict(
         rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.5, short_factor=[1.0, 1.5, 2.0, 2.5],
         long_factor=[2.0, 4.0, 8.0, 9.0]))),
     "olmo2": ("olmo2", dict(max_position_embeddings=128, rope_parameters=dict(rope_type="default", rope_theta=1e4))),
-    "smollm3": ("smollm3", dict(num_hidden_layers=4, no_rope_layer_interval=4)),  # llama.cpp's every 4th layer
+    # rotary left out of every 4th layer, as llama.cpp's; smaller weights keep Q8_0's rounding in bounds over 4 layers
+    "smollm3": ("smollm3", dict(num_hidden_layers=4, no_rope_layer_interval=4, initializer_range=0.1)),
 }
 KINDS = ("gpt2", "llama", "gemma", "char", *FAMILY_KINDS)
 ARCH = {"gpt2": "gpt2", "llama": "llama", "gemma": "gemma", "char": "gpt2", "llama3": "llama", **{
@@ -156,7 +160,7 @@ def arch_keys(kind: str, cfg: ModelConfig) -> tuple[dict, set[str]]:
                      a + "rope.scaling.original_context_length": 32})
     if kind == "gemma2":  # layers 0 and 2 slide: llama.cpp's default pattern for Gemma 2, so none is written
         want.update({a + "attention.sliding_window": 8, a + "attn_logit_softcapping": pytest.approx(2.0),
-                     a + "final_logit_softcapping": pytest.approx(3.0), a + "rope.freq_base_swa": pytest.approx(1e4)})
+                     a + "final_logit_softcapping": pytest.approx(6.0), a + "rope.freq_base_swa": pytest.approx(1e4)})
         absent.add(a + "attention.sliding_window_pattern")
     if kind == "gemma3":
         want.update({a + "attention.sliding_window": 8, a + "attention.sliding_window_pattern": [True, False, True],
@@ -164,8 +168,8 @@ def arch_keys(kind: str, cfg: ModelConfig) -> tuple[dict, set[str]]:
                      a + "rope.scaling.factor": pytest.approx(4.0)})
         absent |= {a + "attn_logit_softcapping", a + "final_logit_softcapping"}
     if kind == "phi3":
-        want.update({a + "rope.dimension_count": 8, a + "rope.scaling.original_context_length": 64,
-                     a + "rope.scaling.attn_factor": pytest.approx(math.sqrt(1 + math.log(2) / math.log(64))),
+        want.update({a + "rope.dimension_count": 8, a + "rope.scaling.original_context_length": 256,
+                     a + "rope.scaling.attn_factor": pytest.approx(math.sqrt(1 + math.log(2) / math.log(256))),
                      a + "attention.sliding_window": 0})
     return want, absent
 
@@ -190,6 +194,8 @@ def test_gguf_holds_every_tensor_and_key(checkpoints, tmp_path, kind, dtype):
         want.update({f"{arch}.attention.head_count_kv": cfg.kv_heads, f"{arch}.attention.key_length": cfg.head_dim,
                      f"{arch}.attention.layer_norm_rms_epsilon": pytest.approx(cfg.norm_eps),
                      f"{arch}.rope.freq_base": pytest.approx(cfg.rope_theta)})
+    if kind == "phi3":  # llama.cpp gives a model named like Phi-3 Phi-3's special tokens, which this vocabulary lacks
+        assert field(reader, "general.name") == "Phi 3-import"
     extra, absent = arch_keys(kind, cfg)
     for key, value in {**want, **extra}.items():
         assert field(reader, key) == value, key
@@ -290,6 +296,74 @@ def test_bad_gguf_exports_are_one_line(checkpoints, tmp_path, tokenizer, capsys)
     assert not (tmp_path / "x.gguf").exists()
 
 
+_YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32)
+# (kind, config fields changed, what the one line says): shapes llama.cpp's architecture would run otherwise
+REFUSED = [
+    ("qwen2", dict(sliding_window=8, layer_types=["full_attention", "sliding_attention"]),
+     "qwen2 architecture has no per-layer sliding windows"),
+    ("qwen2", dict(head_size=32), "qwen2 architecture sizes heads as n_embd / n_head (16)"),
+    ("qwen2", dict(rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                     original_max_position_embeddings=16)), "has no 'llama3' rope scaling"),
+    ("olmo2", dict(rope_scaling=dict(rope_type="dynamic", factor=2.0, original_max_position_embeddings=64)),
+     "olmo2 architecture has no 'dynamic' rope scaling"),
+    ("qwen3", dict(rope_scaling=dict(_YARN, beta_fast=8)), "reads only YaRN's factor and original context, not this "
+     "model's beta_fast"),
+    ("gemma2", dict(attn_scalar=24.0), "gemma2 architecture scales attention by 16 ** -0.5 for this shape, not by "
+     "this model's 24.0 ** -0.5"),
+    ("gemma2", dict(attn_softcap=None), "always soft-caps attention scores and logits"),
+    ("gemma2", dict(tie_embeddings=False), "ties the output layer to the token embedding"),
+    ("gemma3", dict(attn_softcap=5.0), "gemma3 architecture has no attention soft-capping"),
+    ("gemma3", dict(rope_local_theta=None), "llama.cpp has no architecture for this model"),  # scaled local rope
+    ("smollm3", dict(nope_layers=[1, 3]), "leaves rotary embeddings out of every 4th layer (here [3]), and this "
+     "model out of layers [1, 3]"),
+    ("llama", dict(bias=True), "writes biases on q, k and v only, and this model also has them on the attention "
+     "output and the MLP"),
+    ("gpt2", dict(block_norms="post"), "llama.cpp has no architecture for GPT-1's post-norm blocks"),
+]
+
+
+@pytest.mark.parametrize("kind, fields, message", REFUSED, ids=[f"{k}-{next(iter(f))}" for k, f, _ in REFUSED])
+def test_shapes_llama_cpp_would_run_otherwise_are_one_line(checkpoints, tmp_path, kind, fields, message, capsys):
+    model, tokenizer = load_checkpoint(checkpoints[kind])
+    save_checkpoint(tmp_path / "ckpt", GPT(dataclasses.replace(model.config, **fields)), tokenizer)
+    out = tmp_path / "x.gguf"
+    capsys.readouterr()
+    assert main(["export", "gguf", str(tmp_path / "ckpt"), str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_what_llama_cpp_runs_otherwise_only_past_a_length_is_one_note(checkpoints, tmp_path, capsys):
+    """A sliding window where llama.cpp's architecture attends over the whole context (Mistral, Phi-3), and
+    LongRoPE past the original context, where llama.cpp picks the long factors by its context size, not by the
+    sequence's: written, with one note each."""
+    notes = {"llama": "llama.cpp's llama architecture attends over the whole context; this model's sliding window "
+                      "(8) makes its outputs differ beyond that many tokens",
+             "phi3": "llama.cpp turns every position with LongRoPE's long factors once its context (n_ctx, rounded up "
+                     "to a multiple of 256) is over 256"}
+    for kind, note in notes.items():
+        model, tokenizer = load_checkpoint(checkpoints[kind])
+        folder = checkpoints[kind]
+        if kind == "llama":
+            folder = tmp_path / "mistral"
+            save_checkpoint(folder, GPT(dataclasses.replace(model.config, sliding_window=8)), tokenizer)
+        capsys.readouterr()
+        assert main(["export", "gguf", str(folder), str(tmp_path / f"{kind}.gguf")]) == 0
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("gptlab: note: " + note) and len(err.splitlines()) == 1, err
+    model, tokenizer = load_checkpoint(checkpoints["phi3"])
+    windowed = tmp_path / "phi3-window"
+    save_checkpoint(windowed, GPT(dataclasses.replace(model.config, sliding_window=9, rope_scaling=None)), tokenizer)
+    assert main(["export", "gguf", str(windowed), str(tmp_path / "phi3-window.gguf")]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gptlab: note: llama.cpp's phi3 architecture attends over the whole context") and \
+        len(err.splitlines()) == 1, err
+    reader = gguf.GGUFReader(tmp_path / "phi3-window.gguf")
+    assert field(reader, "phi3.attention.sliding_window") == 9
+    assert not {"rope_factors_long.weight", "rope_factors_short.weight"} & {t.name for t in reader.tensors}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["f16", "q8_0"])
 @pytest.mark.parametrize("kind", KINDS)
@@ -303,7 +377,11 @@ def test_llama_cpp_runs_the_export_as_gptlab_does(checkpoints, tmp_path, kind, d
     model, tokenizer = load_checkpoint(checkpoints[kind])
     prompt = tokenizer.encode(PROMPT)
     ours = [int(t) for t in Engine(model).generate_ids([prompt], 24, SamplingParams(temperature=0))]
-    llm = llama_cpp.Llama(model_path=str(out), n_ctx=model.config.block_size, logits_all=True, verbose=False)
+    scaling = model.config.rope_scaling or {}
+    n_ctx = model.config.block_size
+    if scaling.get("rope_type") == "longrope":  # within the original context: LongRoPE's short factors, as gptlab's
+        n_ctx = scaling["original_max_position_embeddings"]
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=n_ctx, logits_all=True, verbose=False)
     assert llm.tokenize(PROMPT.encode(), add_bos=False, special=False) == prompt
     assert llm.detokenize(prompt).decode() == PROMPT
     if "\ufffd" not in tokenizer.decode(ours):  # a random model's byte tokens need not form UTF-8

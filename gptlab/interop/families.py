@@ -171,7 +171,9 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         norm_offset=kind in _GEMMA, mlp=_ACT[act], n_kv_head=hf.get("num_key_value_heads") or heads,
         head_size=head_dim if head_dim * heads != width else None, sliding_window=window, embed_scale=kind in _GEMMA,
         qkv_bias=qkv_bias, rope_scaling=scaling, rotary_fraction=fraction,
-        rope_local_theta=local_theta if local_theta != theta else None, nope_layers=nope, layer_types=types,
+        # the local base is needed where it differs, or where the full layers' scaling must not reach the local ones
+        rope_local_theta=local_theta if local_theta != theta or (scaling and local_theta) else None,
+        nope_layers=nope, layer_types=types,
         qk_norm={"qwen3": "head", "gemma3_text": "head", "olmo2": "all"}.get(kind),
         block_norms={"gemma2": "both", "gemma3_text": "both", "olmo2": "output"}.get(kind, "pre"),
         attn_scalar=scalar if scalar and scalar != head_dim else None,

@@ -14,7 +14,8 @@ Written with the `gguf` package (llama.cpp's own writer) under llama.cpp's tenso
 
 A model llama.cpp's architecture would not compute as gptlab does (an attention scale it hard-codes otherwise, a
 sliding-window layout it has no way to hold, a rope scaling it lacks, GPT-1's post-norm blocks) is refused in one
-line; nothing is written.
+line; nothing is written. Where the two differ only past some length (a sliding window the architecture does not
+apply, LongRoPE's long factors, which llama.cpp picks by its context size) the file is written with a note.
 
 The tokenizer goes in the file too: a byte-level BPE as llama.cpp's `gpt2` vocabulary (tokens, types, merges), a
 character tokenizer (single characters plus `<0xXX>` byte fallback) as its SentencePiece-style `llama` vocabulary.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -51,6 +53,7 @@ TIED = ("gemma", "gemma2")  # llama.cpp reads no output.weight: the head is the 
 UNTIED = ("olmo2",)  # llama.cpp needs output.weight, even where it is the embedding
 SCALINGS = {"llama": ("llama3", "linear", "yarn"), "phi3": ("longrope", "linear", "yarn")}  # others: linear, yarn
 YARN_DEFAULTS = {"beta_fast": 32, "beta_slow": 1, "truncate": True}  # the only values llama.cpp's YaRN uses
+PHI3_TOKENS = {"<s>", "</s>", "<unk>", "<|endoftext|>"}  # what llama.cpp looks up in a model named like Phi-3
 # gptlab layer part -> llama.cpp's name
 NORMS = {"ln_1": "attn_norm", "post_attn_norm": "post_attention_norm", "ln_2": "ffn_norm",
          "post_mlp_norm": "post_ffw_norm", "attn.q_norm": "attn_q_norm", "attn.k_norm": "attn_k_norm"}
@@ -72,28 +75,38 @@ def _no_architecture(cfg: ModelConfig) -> GptlabError:
 
 def architecture(cfg: ModelConfig) -> str:
     """llama.cpp's name for this shape, or one line saying why llama.cpp would not run it as gptlab does."""
-    from gptlab.interop import families, hf
-
     if cfg.pos == "learned":
-        if cfg.block_norms == "post":
-            raise GptlabError("llama.cpp has no architecture for GPT-1's post-norm blocks (LayerNorm after each "
-                              "residual add, no final norm); GGUF export takes GPT-2's pre-norm shape")
-        try:
-            same = hf.config_from_hf(hf.config_to_hf(cfg, {})) == cfg  # exactly GPT-2's shape
-        except GptlabError:
-            same = False
-        if not same:
-            raise _no_architecture(cfg)
-        return "gpt2"
+        return _learned(cfg)
+    from gptlab.interop import families
+
     try:
-        arch = ARCHS[families.hf_family(cfg)]
+        arch = ARCHS[families.hf_family(cfg)]  # the family whose shape this is exactly, hence llama.cpp's graph
     except GptlabError:
         raise _no_architecture(cfg) from None
+    if cfg.bias:
+        raise GptlabError(f"GGUF export for llama.cpp's {arch} writes biases on q, k and v only, and this model also "
+                          "has them on the attention output and the MLP; nothing was written")
     reason = refusal(cfg, arch)
     if reason:
         raise GptlabError(f"llama.cpp's {arch} architecture {reason}, so it would not run this model as gptlab "
                           "does; nothing was written")
     return arch
+
+
+def _learned(cfg: ModelConfig) -> str:
+    """`gpt2` for exactly GPT-2's shape (what a Hugging Face GPT-2 config holds); GPT-1 and the rest refused."""
+    from gptlab.interop import hf
+
+    if cfg.block_norms == "post":
+        raise GptlabError("llama.cpp has no architecture for GPT-1's post-norm blocks (LayerNorm after each "
+                          "residual add, no final norm); GGUF export takes GPT-2's pre-norm shape")
+    try:
+        same = hf.config_from_hf(hf.config_to_hf(cfg, {})) == cfg
+    except GptlabError:
+        same = False
+    if not same:
+        raise _no_architecture(cfg)
+    return "gpt2"
 
 
 def sliding(cfg: ModelConfig) -> list[bool]:
@@ -112,8 +125,6 @@ def refusal(cfg: ModelConfig, arch: str) -> str | None:
     or None."""
     scaling = cfg.rope_scaling or {}
     kind = scaling.get("rope_type")
-    if cfg.bias:
-        return "takes no biases on the attention output and the MLP (GGUF export writes q, k and v biases only)"
     if arch in FULL_WIDTH and cfg.head_size:
         return (f"sizes heads as n_embd / n_head ({cfg.n_embd // cfg.n_head}), not this model's head_dim "
                 f"({cfg.head_dim})")
@@ -149,12 +160,7 @@ def _gemma_refusal(cfg: ModelConfig, arch: str) -> str | None:
         return "always soft-caps attention scores and logits, and this model leaves them uncapped"
     if arch == "gemma3" and cfg.attn_softcap is not None:
         return "has no attention soft-capping"
-    if cfg.rope_scaling and any(sliding(cfg)):
-        if arch == "gemma2" and cfg.rope_local_theta:
-            return "scales the rope of sliding-window layers as of full ones, and this model keeps them unscaled"
-        if arch == "gemma3" and not cfg.rope_local_theta:
-            return "keeps the rope of sliding-window layers unscaled, and this model scales them"
-    return None
+    return None  # how the sliding layers' rope is scaled is the family's own: `hf_family` matched it already
 
 
 def notes(cfg: ModelConfig, arch: str) -> list[str]:
@@ -166,9 +172,9 @@ def notes(cfg: ModelConfig, arch: str) -> list[str]:
     scaling = cfg.rope_scaling or {}
     if scaling.get("rope_type") == "longrope" and cfg.block_size > scaling["original_max_position_embeddings"]:
         original = scaling["original_max_position_embeddings"]
-        out.append(f"llama.cpp turns every position with LongRoPE's long factors once its context (n_ctx) is over "
-                   f"{original}, gptlab only sequences longer than that: load it with n_ctx <= {original} for "
-                   "gptlab's outputs on shorter sequences")
+        out.append(f"llama.cpp turns every position with LongRoPE's long factors once its context (n_ctx, rounded "
+                   f"up to a multiple of 256) is over {original}, gptlab only sequences longer than that: load it "
+                   f"with n_ctx <= {original} for gptlab's outputs on shorter sequences")
     return out
 
 
@@ -364,6 +370,14 @@ def add_tokenizer(writer, tokenizer: Tokenizer, vocab_size: int) -> None:
         writer.add_chat_template(tokenizer.chat_template)
 
 
+def gguf_name(name: str, tokenizer: Tokenizer) -> str:
+    """The model's name, unless llama.cpp would read it as Phi-3's: it gives a name with "phi3" or "phi-3" in it
+    Phi-3's special-token rules, which fail to load (or change tokenization) without Phi-3's tokens."""
+    if re.search("phi-?3", name, re.IGNORECASE) and not PHI3_TOKENS <= set(tokenizer.backend.get_vocab()):
+        return re.sub("phi-?3", "Phi 3", name, flags=re.IGNORECASE)
+    return name
+
+
 def export_gguf(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str], dtype: str = "f16") -> Path:
     """Write `out` (.gguf) from a checkpoint folder (full, LoRA-merged or quantized, which is dequantized first)."""
     gguf = _gguf()
@@ -394,7 +408,7 @@ def export_gguf(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str],
 
     def write(tmp: str) -> None:
         writer = gguf.GGUFWriter(tmp, arch)
-        writer.add_name(cfg.name or Path(checkpoint).name)
+        writer.add_name(gguf_name(cfg.name or Path(checkpoint).name, tokenizer))
         add_hparams(writer, cfg, arch)
         writer.add_file_type(file_type)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
