@@ -7,9 +7,11 @@ the config each give one clear `GptlabError`, never a traceback from deep inside
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -70,6 +72,16 @@ def check_folder(path: str | os.PathLike[str], required: tuple[str, ...] = (CONF
     return path
 
 
+def read_folders(path: str | os.PathLike[str]) -> list[Path]:
+    """The folders a command that reads checkpoint `path` reads: the folder, and a fine-tuned run's base. Its
+    output may lie inside none of them."""
+    from gptlab.files import read_json_object
+
+    path = Path(path)
+    base = read_json_object(path / "adapter_config.json").get("base") if path.is_dir() else None
+    return [path, Path(base)] if isinstance(base, str) else [path]
+
+
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                       "BOOL": torch.bool}
@@ -88,23 +100,64 @@ def read_tensors(path: str | os.PathLike[str]) -> Iterator[tuple[str, torch.Tens
             if not 2 <= n <= size - 8:
                 raise GptlabError(f"cannot read {path}: not a safetensors file")
             header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise GptlabError(f"cannot read {path}: its header is not a mapping of tensor names")
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
-                start, end = info["data_offsets"]
-                if info["dtype"] not in SAFETENSORS_DTYPES or end > size - 8 - n:
-                    raise GptlabError(f"cannot read {path}: tensor {name} is {info['dtype']} or lies past the end")
-                tensor = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+                dtype, shape, (start, end) = _tensor_entry(info, name, path)
+                # the header's own numbers are checked against the file before anything is allocated
+                nbytes = math.prod(shape) * dtype.itemsize
+                if not 0 <= start <= end <= size - 8 - n or nbytes != end - start:
+                    raise GptlabError(f"cannot read {path}: tensor {name} ({shape}, {nbytes:,} bytes) does not fit "
+                                      f"its offsets {start}..{end} in a file of {size:,} bytes")
+                tensor = torch.empty(shape, dtype=dtype)
                 raw = tensor.reshape(-1).view(torch.uint8)  # the tensor's own bytes
-                if raw.numel() != end - start:
-                    raise GptlabError(f"cannot read {path}: tensor {name} has {end - start} bytes for shape "
-                                      f"{info['shape']}")
                 f.seek(8 + n + start)
                 if raw.numel() and f.readinto(memoryview(raw.numpy())) != raw.numel():
                     raise GptlabError(f"cannot read {path}: the file ends inside tensor {name}")
                 yield name, tensor
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise GptlabError(f"cannot read {path}: {e}") from None
+
+
+def _tensor_entry(info: Any, name: str, path: Any) -> tuple[torch.dtype, list[int], tuple[int, int]]:
+    """(dtype, shape, offsets) of one header entry, each of the type and sign the format says."""
+    ok = isinstance(info, dict) and info.get("dtype") in SAFETENSORS_DTYPES and isinstance(info.get("shape"), list) \
+        and all(isinstance(d, int) and d >= 0 for d in info["shape"]) and isinstance(info.get("data_offsets"), list) \
+        and len(info["data_offsets"]) == 2 and all(isinstance(o, int) for o in info["data_offsets"])
+    if not ok:
+        raise GptlabError(f"cannot read {path}: the header entry of {name} is not a dtype, a shape of sizes >= 0 "
+                          f"and two offsets: {str(info)[:120]}")
+    return SAFETENSORS_DTYPES[info["dtype"]], info["shape"], tuple(info["data_offsets"])
+
+
+def available_memory() -> int | None:
+    """Bytes this machine can still give a process (MemAvailable + free swap), or None where it does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:2]}
+        return info["MemAvailable"] + info.get("SwapFree", 0)
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+
+
+def check_fits(nbytes: int, what: str) -> None:
+    """Refuse, in one line, what could not be held in memory, before any of it is allocated."""
+    free = available_memory()
+    if free is not None and nbytes > free:
+        raise GptlabError(f"{what} needs {nbytes / 2**30:.1f} GiB of memory; this machine has {free / 2**30:.1f} "
+                          "GiB available")
+
+
+def check_weights_file(config: ModelConfig, weights: Path) -> None:
+    """A config whose model the weights file cannot hold (n_layer 10^9 in a hand-edited config.json), or a file that
+    cannot be read into memory: one line, before reading."""
+    size = weights.stat().st_size
+    if config.approx_params() / 2 > size * 1.01 + 2**20:  # even at 4 bits a weight
+        raise GptlabError(f"{weights.parent / CONFIG} describes about {config.approx_params():,} parameters, more "
+                          f"than {weights} ({size:,} bytes) holds")
+    check_fits(size, f"reading {weights}")
 
 
 def read_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -171,6 +224,7 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     if tokenizer.vocab_size > config.vocab_size:
         raise GptlabError(f"{path / TOKENIZER} has {tokenizer.vocab_size} tokens but the model's vocabulary is "
                           f"{config.vocab_size}")
+    check_weights_file(config, path / WEIGHTS)
     if quantize is not None and quantization is None:
         model = load_quantizing(config, path / WEIGHTS, quantize)
     else:

@@ -29,12 +29,37 @@ class _Parser(argparse.ArgumentParser):
         raise GptlabError(f"{message} (see {self.prog} --help)")
 
 
+def _bounded(kind: type, low: float, high: float | None = None, above: bool = False) -> Callable[[str], Any]:
+    """An argparse type: a number of `kind` in [low, high] (`above`: (low, high]); anything else is argparse's
+    one-line error."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        top = high if high is not None else float("inf")
+        if not (low < value if above else low <= value) or not value <= top:  # nan fails too
+            raise argparse.ArgumentTypeError(f"{text} is not in {'(' if above else '['}{low:g}, {top:g}]")
+        return value
+
+    parse.__name__ = kind.__name__  # what argparse names in its message
+    return parse
+
+
+POSITIVE = _bounded(int, 1)
+COUNT = _bounded(int, 0)
+FRACTION = _bounded(float, 0, 0.999999)  # [0, 1)
+PORT = _bounded(int, 1, 65535)
+
+
 def _load_config(path: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f) or {}
     except OSError as e:
         raise GptlabError(f"cannot read config {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise GptlabError(f"{path} is not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
         raise GptlabError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -43,8 +68,17 @@ def _load_config(path: str) -> dict[str, Any]:
 
 
 def _apply_config(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
-    """Parse once to find --config, take its values as defaults, then parse again so that flags win."""
-    args = parser.parse_args(argv)
+    """Parse once to find --config, take its values as defaults, then parse again so that flags win (a required
+    option may come from the file)."""
+    config = None
+    if "--config" in argv or any(a.startswith("--config=") for a in argv):
+        required = [a for a in parser._actions if a.required and a.option_strings]
+        for a in required:
+            a.required = False
+        config = parser.parse_args(argv).config
+        for a in required:
+            a.required = True
+    args = parser.parse_args(argv) if not config else argparse.Namespace(config=config)
     args.config_sections = {}
     if getattr(args, "config", None):
         known = {a.dest for a in parser._actions}
@@ -54,11 +88,35 @@ def _apply_config(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argpa
         unknown = sorted(set(values) - known)
         if unknown:
             raise GptlabError(f"{args.config}: unknown option(s) {', '.join(unknown)} for {parser.prog}")
+        for action in parser._actions:  # a file's values pass the checks a flag's do
+            if action.dest in values and values[action.dest] is not None:
+                values[action.dest] = _checked_value(action, values[action.dest], args.config)
+                action.required = False
         parser.set_defaults(**values)
         sections = args.config_sections
         args = parser.parse_args(argv)
         args.config_sections = sections
     return args
+
+
+def _checked_value(action: argparse.Action, value: Any, where: str) -> Any:
+    if callable(action.type) and not isinstance(value, (list, dict, bool)):
+        try:
+            value = action.type(str(value))
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            raise GptlabError(f"{where}: {action.dest}: {e}") from None
+    if action.choices is not None and value not in action.choices:
+        raise GptlabError(f"{where}: {action.dest} must be one of {', '.join(map(str, action.choices))}, "
+                          f"got {value!r}")
+    return value
+
+
+def _check_text(flag: str, text: str | None) -> None:
+    """Bytes that are not UTF-8 reach Python as lone surrogates, which no tokenizer takes."""
+    try:
+        (text or "").encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise GptlabError(f"{flag} is not UTF-8 text (at character {e.start})") from None
 
 
 # -- verbs -------------------------------------------------------------------------------------------------------
@@ -73,6 +131,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from gptlab.api import load
 
+    for flag, text in (("--prompt", args.prompt), ("--system", args.system), *(("--stop", s) for s in args.stop or ())):
+        _check_text(flag, text)
     llm = load(args.checkpoint, device=args.device, dtype=args.dtype)
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty, stop=args.stop or ())
@@ -134,7 +194,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     data = TokenShards(args.data)
     tokenizer = data.tokenizer()
     run = Run(model=model_config(sections["model"], tokenizer.vocab_size), train=TrainConfig(**sections["train"]),
-              data=data, tokenizer=tokenizer, out=Path(args.out), resume=args.resume, progress=not args.quiet)
+              data=data, tokenizer=tokenizer, out=Path(args.out), resume=args.resume, progress=not args.quiet,
+              inputs=(Path(args.data),))
     last = train(run)
     if int(os.environ.get("RANK", "0")) == 0 and "note" in last:
         print(f"nothing to do: {last['note']}")
@@ -150,10 +211,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gptlab.serve import serve
 
     check_folder(args.checkpoint)
-    if args.max_concurrency < 1:
-        raise GptlabError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
     serve(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key,
-          max_concurrency=args.max_concurrency, device=args.device, dtype=args.dtype)
+          max_concurrency=args.max_concurrency, device=args.device, dtype=args.dtype, max_rows=args.max_rows,
+          max_queued=args.max_queued, max_prompt_chars=args.max_prompt_chars)
     return 0
 
 
@@ -180,8 +240,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from gptlab.compare import compare
 
     check_folder(args.checkpoint)
-    if args.steps < 1:
-        raise GptlabError(f"--steps must be >= 1, got {args.steps}")
     rows = compare(args.checkpoint, args.data, [m.strip() for m in args.methods.split(",") if m.strip()],
                    args.steps, args.out, lr=args.lr, batch_size=args.batch_size, task_token=args.task_token)
     print((Path(args.out) / "report.md").read_text())
@@ -198,7 +256,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     llm = load(args.checkpoint, device=args.device)
     if Path(args.data).is_dir():
-        result = perplexity(llm, TokenShards(args.data), split=args.split)
+        shards = TokenShards(args.data)
+        shards.check_tokenizer(llm.tokenizer, args.checkpoint)
+        result = perplexity(llm, shards, split=args.split)
     else:
         examples = task_examples(args.data, args.task_token)
         template = resolve_template(args.template) if args.template else None
@@ -224,7 +284,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             raise GptlabError("--report measures every scheme; leave out --scheme and --double-quant")
         _, table, folder = report(args.checkpoint, args.data, args.group_size, args.out, args.max_tokens)
         print(table)
-        print(f"written: {folder / 'quantize-report.md'} and {folder / 'quantize-report.json'}")
+        if folder is not None:
+            print(f"written: {folder / 'quantize-report.md'} and {folder / 'quantize-report.json'}")
         return 0
     if not args.scheme or not args.out:
         raise GptlabError("quantize needs --scheme and --out DIR (or --report)")
@@ -321,8 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text file, folder (recursive), JSONL file, or `stdlib` (Python's own source)")
     p.add_argument("--out", required=True, help="new data folder")
     p.add_argument("--tokenizer", default="bpe", help="bpe (train one), char, or a tokenizer.json / folder")
-    p.add_argument("--vocab-size", type=int, default=4096, help="for a trained BPE")
-    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--vocab-size", type=POSITIVE, default=4096, help="for a trained BPE")
+    p.add_argument("--val-fraction", type=FRACTION, default=0.05)
     p.add_argument("--ext", default=",".join(DEFAULT_EXTENSIONS), help="file endings read from folders")
     p.add_argument("--text-field", default="text", help="the field of a JSONL record that holds the text")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -342,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "with the base's chat template, assistant turns scored), a text file, or a "
                                   "built-in task: stdlib-summaries, gettext-fr")
     p.add_argument("--val-data", help="validation file (default: --val-fraction of --data)")
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--val-fraction", type=FRACTION, default=0.1)
     p.add_argument("--task-token", help='a token such as "<to-fr>" that splits a text line into prompt and completion')
     p.add_argument("--skip-bad-lines", action="store_true", help="skip and report malformed lines, not stop")
     p.add_argument("--out", help="run folder")
@@ -354,21 +415,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="base checkpoint folder")
     p.add_argument("--data", required=True, help="task data, as for finetune (or a built-in task)")
     p.add_argument("--methods", default="full,lora,adapter")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=None, help="one learning rate for all (default: one per method)")
+    p.add_argument("--steps", type=POSITIVE, default=200)
+    p.add_argument("--batch-size", type=POSITIVE, default=8)
+    p.add_argument("--lr", type=_bounded(float, 0, above=True), default=None,
+                   help="one learning rate for all (default: one per method)")
     p.add_argument("--task-token", default=None)
     p.add_argument("--out", required=True, help="folder for report.md, compare.png and one run per method")
 
     p = _verb(sub, "evaluate", cmd_evaluate, "perplexity on prepared shards, or task metrics under a prompt template")
     p.add_argument("checkpoint", help="checkpoint folder (base or fine-tuned)")
     p.add_argument("--data", required=True, help="a prepared data folder (perplexity), a task file or built-in task")
-    p.add_argument("--split", default="val", help="for a data folder: train or val")
+    p.add_argument("--split", default="val", choices=["train", "val"], help="for a data folder: train or val")
     p.add_argument("--template", default=None, help="translate-sentence, translate-pipe, translate-arrow, summarize, "
                                                     "to-fr, plain, or your own text with {input}")
-    p.add_argument("--shots", type=int, default=0, help="few-shot examples placed before each query")
+    p.add_argument("--shots", type=COUNT, default=0, help="few-shot examples placed before each query")
     p.add_argument("--lang", default="French", help="{lang} in the translation templates")
-    p.add_argument("--limit", type=int, default=100, help="examples scored")
+    p.add_argument("--limit", type=POSITIVE, default=100, help="examples scored")
     p.add_argument("--metrics", default="exact,bleu,chrf,rougeL")
     p.add_argument("--task-token", default=None)
     p.add_argument("--device", default=None)
@@ -381,12 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="treat --prompt as a user message: rendered with the model's "
                                                        "chat template, the reply ends at its end-of-turn token")
     p.add_argument("--system", default=None, help="a system message before the user's (implies --chat)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=COUNT, default=64)
+    p.add_argument("--temperature", type=_bounded(float, 0), default=1.0, help="0 means greedy")
+    p.add_argument("--top-k", type=POSITIVE, default=None)
+    p.add_argument("--top-p", type=_bounded(float, 0, 1, above=True), default=None)
+    p.add_argument("--repetition-penalty", type=_bounded(float, 0, above=True), default=1.0)
+    p.add_argument("--seed", type=_bounded(int, 0, 2**63 - 1), default=None)
     p.add_argument("--stop", action="append", help="stop string (repeatable); not included in the output")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--json", action="store_true", help='print {"text": ..., "token_ids": [...]} (the new tokens)')
@@ -397,20 +459,27 @@ def build_parser() -> argparse.ArgumentParser:
                                              "report size, perplexity and speed for every scheme")
     p.add_argument("checkpoint", help="a float checkpoint folder")
     p.add_argument("--scheme", choices=SCHEMES, help="int8 (per row), int4, nf4 or fp4 (groups of 64)")
-    p.add_argument("--group-size", type=int, help="weights per scale along the input (default: 64 for 4-bit, one "
+    p.add_argument("--group-size", type=POSITIVE, help="weights per scale along the input (default: 64 for 4-bit, one "
                                                   "row for int8); must divide every layer's width")
     p.add_argument("--double-quant", action="store_true", help="quantize the 4-bit scales too (QLoRA)")
-    p.add_argument("--out", help="the new checkpoint folder (with --report: where the report goes)")
+    p.add_argument("--out", help="the new checkpoint folder (with --report: a new folder for "
+                                          "quantize-report.md and .json; without it the report is only printed)")
     p.add_argument("--report", action="store_true", help="measure every scheme: size, perplexity, decode speed")
     p.add_argument("--data", help="a prepared data folder for the report's perplexity (its val split)")
-    p.add_argument("--max-tokens", type=int, default=20_000, help="val tokens the report scores")
+    p.add_argument("--max-tokens", type=POSITIVE, default=20_000, help="val tokens the report scores")
 
     p = _verb(sub, "serve", cmd_serve, "serve a checkpoint over an OpenAI-compatible HTTP API, with a playground at /")
     p.add_argument("checkpoint", help="checkpoint folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=PORT, default=8000)
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/ requests")
-    p.add_argument("--max-concurrency", type=int, default=1, help="requests generating at once; others wait")
+    p.add_argument("--max-concurrency", type=POSITIVE, default=1, help="requests generating at once; others wait")
+    p.add_argument("--max-rows", type=POSITIVE, default=64, help="completions one request may ask for (prompts x n); "
+                                                                 "more is a 400")
+    p.add_argument("--max-queued", type=POSITIVE, default=256, help="completions one client (API key, else address) "
+                                                                    "may have running or waiting; more is a 429")
+    p.add_argument("--max-prompt-chars", type=POSITIVE, default=100_000, help="characters of one prompt or "
+                                                                              "conversation; more is a 400")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
 
@@ -441,9 +510,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         parser = build_parser()
-        args, _ = parser.parse_known_args(argv)
-        verb_parser = parser._subparsers._group_actions[0].choices[args.verb]  # type: ignore[union-attr]
-        args = _apply_config(verb_parser, argv[argv.index(args.verb) + 1:])
+        verbs = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+        verb = argv[0] if argv and argv[0] in verbs else None
+        if verb is None:
+            parser.parse_args(argv)  # --help, --version, or a one-line error
+            return 2
+        args = _apply_config(verbs[verb], argv[1:])
         code = args.func(args)
         sys.stdout.flush()  # here, so that a closed pipe is caught below and not at the interpreter's exit
         return code

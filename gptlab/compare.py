@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from gptlab.checkpoint import load_checkpoint
+from gptlab.checkpoint import load_checkpoint, read_folders
 from gptlab.data.builtin_tasks import BUILTIN, builtin_examples
 from gptlab.data.tasks import load_examples
 from gptlab.errors import GptlabError
-from gptlab.files import atomic_write_text
+from gptlab.files import atomic_write_text, check_new_folder, write_folder
 from gptlab.peft import METHODS
 
 
@@ -47,37 +47,42 @@ def compare(checkpoint: str, data: str, methods: list[str], steps: int, out: str
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise GptlabError(f"unknown method(s) {', '.join(unknown)}; methods: {', '.join(METHODS)}")
-    ckpt, root = Path(checkpoint), Path(out)
-    root.mkdir(parents=True, exist_ok=True)
+    ckpt = Path(checkpoint)
+    inputs = [*read_folders(ckpt), *([data] if Path(data).exists() else [])]
+    check_new_folder(out, inputs)
     examples = builtin_examples(data) if data in BUILTIN else load_examples(data, task_token)
     random.Random(0).shuffle(examples)  # the same order `gptlab finetune` uses, so its val split is this one
     n_val = max(1, int(len(examples) * 0.1)) if len(examples) > 1 else 0
     val = examples[:n_val]
-    rows = []
-    for method in methods:
-        run = root / method
-        cmd = [sys.executable, "-m", "gptlab", "finetune", str(ckpt), "--method", method, "--data", data,
-               "--out", str(run), "--quiet", f"--train.max_steps={steps}", f"--train.batch_size={batch_size}",
-               *([f"--train.lr={lr}"] if lr else []), f"--train.eval_every={steps}",
-               f"--train.save_every={steps}", f"--train.log_every={max(1, steps // 20)}",
-               f"--train.warmup_steps={max(1, steps // 10)}", *(["--task-token", task_token] if task_token else []),
-               *(extra or [])]
-        print(f"gptlab compare: {method} ...", file=sys.stderr, flush=True)
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise GptlabError(f"{method} failed: {done.stderr.strip().splitlines()[-1] if done.stderr else '?'}")
-        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        logged = [r for r in records if "loss" in r]
-        trainable, total = count_parameters(ckpt, method)
-        last = logged[-1]
-        rows.append({
-            "method": method, "trainable": trainable, "total": total, "trainable_pct": 100 * trainable / total,
-            "peak_memory_mb": max(r.get("peak_memory_mb", 0) for r in logged),
-            "ms_per_step": 1000 * last["elapsed_s"] / max(1, last["step"]),
-            "val_loss": next((r["val_loss"] for r in reversed(records) if "val_loss" in r), float("nan")),
-            "exact_match": exact_match(run, val, eval_examples),
-        })
-    write_report(root, rows, checkpoint, data, steps)
+    rows: list[dict[str, Any]] = []
+
+    def run_all(root: Path) -> None:  # in a staging folder, renamed to `out` once every method has run
+        for method in methods:
+            run = root / method
+            cmd = [sys.executable, "-m", "gptlab", "finetune", str(ckpt), "--method", method, "--data", data,
+                   "--out", str(run), "--quiet", f"--train.max_steps={steps}", f"--train.batch_size={batch_size}",
+                   *([f"--train.lr={lr}"] if lr else []), f"--train.eval_every={steps}",
+                   f"--train.save_every={steps}", f"--train.log_every={max(1, steps // 20)}",
+                   f"--train.warmup_steps={max(1, steps // 10)}", *(["--task-token", task_token] if task_token else []),
+                   *(extra or [])]
+            print(f"gptlab compare: {method} ...", file=sys.stderr, flush=True)
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise GptlabError(f"{method} failed: {done.stderr.strip().splitlines()[-1] if done.stderr else '?'}")
+            records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            logged = [r for r in records if "loss" in r]
+            trainable, total = count_parameters(ckpt, method)
+            last = logged[-1]
+            rows.append({
+                "method": method, "trainable": trainable, "total": total, "trainable_pct": 100 * trainable / total,
+                "peak_memory_mb": max(r.get("peak_memory_mb", 0) for r in logged),
+                "ms_per_step": 1000 * last["elapsed_s"] / max(1, last["step"]),
+                "val_loss": next((r["val_loss"] for r in reversed(records) if "val_loss" in r), float("nan")),
+                "exact_match": exact_match(run, val, eval_examples),
+            })
+        write_report(root, rows, checkpoint, data, steps)
+
+    write_folder(out, run_all, inputs)
     return rows
 
 

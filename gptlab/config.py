@@ -7,11 +7,60 @@ never hard-coded: they come from building the model on the meta device, which co
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from gptlab.errors import GptlabError
+
+MAX_PARAMS = 10**13  # more than any model has: a config beyond it is a mistake, refused before anything is built
+MAX_CONTEXT = 1 << 24  # 16M positions: past every model's context (position tables grow with it)
+
+
+def type_name(kind: Any) -> str:
+    """`int`, `float or null`, `list of int`, ... for messages."""
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        return " or ".join("null" if a is type(None) else type_name(a) for a in typing.get_args(kind))
+    origin = typing.get_origin(kind)
+    if origin is list:
+        return f"list of {type_name(typing.get_args(kind)[0])}"
+    if origin is dict:
+        return "mapping"
+    return {int: "integer", float: "number", bool: "true or false", str: "text"}.get(kind, getattr(kind, "__name__",
+                                                                                                    str(kind)))
+
+
+def holds(value: Any, kind: Any) -> bool:
+    """Whether a JSON/YAML value is of an annotated field type (an int is a float; a bool is neither; a float is
+    finite)."""
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        return any(holds(value, a) for a in typing.get_args(kind))
+    if kind is type(None):
+        return value is None
+    if kind is Any:
+        return True
+    origin = typing.get_origin(kind)
+    if origin is list:
+        return isinstance(value, list) and all(holds(v, typing.get_args(kind)[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def check_fields(settings: Any, section: str) -> None:
+    """Every field of a settings dataclass holds a value of its annotated type: the one check that config.json,
+    YAML recipes, flags and Python callers all pass through."""
+    hints = typing.get_type_hints(type(settings))
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if not holds(value, hints[f.name]):
+            raise GptlabError(f"{section}.{f.name} must be {type_name(hints[f.name])}, got {value!r}")
 
 
 @dataclass
@@ -95,15 +144,28 @@ class ModelConfig:
     def hidden_dim(self) -> int:
         return self.mlp_hidden if self.mlp_hidden is not None else 4 * self.n_embd
 
+    def approx_params(self) -> int:
+        """The parameter count from the shape alone (the weight matrices, without norms and biases): what can be
+        checked against a file or the memory before a model is built."""
+        d, q, kv = self.n_embd, self.n_head * self.head_dim, self.kv_heads * self.head_dim
+        mlp = (2 if self.mlp == "gelu" else 3) * d * self.hidden_dim
+        embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        positions = self.block_size * d if self.pos == "learned" else 0
+        return self.n_layer * (2 * d * q + 2 * d * kv + mlp) + embeddings + positions
+
     def validate(self) -> None:
-        for name, kind in (("dropout", (int, float)), ("norm_eps", (int, float)), ("bias", bool),
-                           ("tie_embeddings", bool)):
-            if not isinstance(getattr(self, name), kind):
-                raise GptlabError(f"model.{name} has the wrong type: {getattr(self, name)!r}")
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+        check_fields(self, "model")
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "n_kv_head", "head_size",
+                     "mlp_hidden"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if value is not None and value <= 0:
                 raise GptlabError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.block_size > MAX_CONTEXT:
+            raise GptlabError(f"model.block_size {self.block_size:,} is past any model's context (at most "
+                              f"{MAX_CONTEXT:,})")
+        if self.approx_params() > MAX_PARAMS:
+            raise GptlabError(f"this model config describes about {self.approx_params():.2g} parameters, more than "
+                              f"any model has ({MAX_PARAMS:.0e}); check n_layer, n_embd, mlp_hidden and vocab_size")
         if self.n_embd % self.n_head and not self.head_size:
             raise GptlabError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
         if self.n_head % self.kv_heads:
@@ -156,15 +218,14 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, path: str) -> ModelConfig:
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise GptlabError(f"{path} is not valid JSON: {e}") from None
+        from gptlab.files import read_json_object
+
+        data = read_json_object(path, missing_ok=False)
+        data = data.get("model", data)
         if not isinstance(data, dict):
-            raise GptlabError(f"{path} must hold a JSON object")
+            raise GptlabError(f"{path}: `model` must hold a JSON object")
         try:
-            return cls.from_dict(data.get("model", data))
+            return cls.from_dict(data)
         except GptlabError as e:
             raise GptlabError(f"{path}: {e}") from None
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,9 +13,32 @@ from typing import Any
 from gptlab.errors import GptlabError
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale(parent: Path, prefix: str) -> None:
+    """Remove what a killed process left while it wrote beside `parent/...`: `prefix` + its PID, for PIDs that no
+    longer run (a running writer's files stay)."""
+    if not parent.is_dir():
+        return
+    for p in parent.iterdir():
+        pid = p.name[len(prefix):] if p.name.startswith(prefix) else ""
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)`, flush it to disk, then rename it over `path`."""
+    """Call `write(tmp_path)`, flush it to disk, then rename it over `path` (a killed earlier writer's temporary file
+    is removed first)."""
     path = Path(path)
+    remove_stale(path.parent, f".{path.name}.tmp-")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(str(tmp))
@@ -66,7 +88,9 @@ def check_new_folder(out: str | os.PathLike[str], inputs: Sequence[str | os.Path
     """`out` must not exist, or be an empty folder, and may not lie inside any of `inputs`."""
     out = Path(out)
     check_outside(out, inputs)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise GptlabError(f"{out} is a file; the output is a folder: choose a new one (nothing was written)")
+    if out.exists() and any(out.iterdir()):
         raise GptlabError(f"{out} already exists and is not empty; choose a new folder (nothing was written)")
     return out
 
@@ -74,12 +98,20 @@ def check_new_folder(out: str | os.PathLike[str], inputs: Sequence[str | os.Path
 def write_folder(out: str | os.PathLike[str], write: Callable[[Path], None],
                  inputs: Sequence[str | os.PathLike[str]] = ()) -> Path:
     """Build a folder in a staging folder beside `out`, then rename it into place: `out` appears whole or not at
-    all (`check_new_folder` first)."""
+    all (`check_new_folder` first). What a killed earlier run staged for the same `out` is removed."""
     out = check_new_folder(out, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    prefix = f".{out.name}.staging-"
+    remove_stale(out.parent, prefix)
+    staging = out.parent / f"{prefix}{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
     try:
         write(staging)
+        for f in staging.rglob("*"):  # on disk before the rename makes them visible
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         if out.exists():
             out.rmdir()
         staging.rename(out)

@@ -51,6 +51,9 @@ def finetune(checkpoint: str | os.PathLike[str], data: str, out: str | os.PathLi
 
     if method not in METHODS:
         raise GptlabError(f"unknown method {method!r}; methods: {', '.join(METHODS)}")
+    if (Path(checkpoint) / "adapter_config.json").is_file():
+        raise GptlabError(f"{checkpoint} is a fine-tuned run, not a full checkpoint: fine-tune its base, or make it "
+                          "one with `gptlab export hf` and `gptlab import hf` first")
     base, out = check_folder(checkpoint), Path(out)
     check_outside(out, [base, data] if Path(data).exists() else [base])
     sections = sections or {}
@@ -61,6 +64,7 @@ def finetune(checkpoint: str | os.PathLike[str], data: str, out: str | os.PathLi
     if getattr(chosen, "init_text", None):
         chosen.init_ids = tokenizer.encode(chosen.init_text, special=False)
     config = ModelConfig.from_json(str(base / "config.json"))
+    chosen.check(config)  # settings that only the base's shape can judge
     block_size = config.block_size - chosen.reserved_positions  # virtual tokens take context positions
     task_token = task_token or BUILTIN.get(data)
     if task_token and tokenizer.backend.token_to_id(task_token) is None:

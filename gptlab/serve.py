@@ -16,9 +16,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import Request  # here, where FastAPI resolves the handlers' annotations
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from gptlab.api import LLM
 from gptlab.errors import GptlabError
@@ -27,31 +28,61 @@ from gptlab.generate import Engine, SamplingParams, TextStream
 PLAYGROUND = Path(__file__).with_name("playground.html")
 
 
+def _utf8(text: str) -> str:
+    """JSON can carry a lone surrogate (`"\\ud800"`), which is no text a tokenizer can take: a 400, not a 500."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"holds a lone surrogate (\\u{ord(text[e.start]):04x}), which is not text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)  # unknown fields are ignored, as OpenAI does
 
-    model: str | None = None
+    model: Text | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, le=16)
+    n: int = Field(1, ge=1, le=128)
     stream: bool = False
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what a torch generator takes
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str]
+    prompt: Text | list[Text] | list[int] | list[list[int]]  # text, or token ids, one prompt or several
+
+    def prompts(self) -> list[str] | list[list[int]]:
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if self.prompt and all(isinstance(p, int) for p in self.prompt):
+            return [self.prompt]  # type: ignore[list-item]
+        return self.prompt  # type: ignore[return-value]
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    type: Literal["text"]
+    text: Text
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
+    content: Text | list[TextPart] | None = None  # OpenAI's content parts: text ones (a model of text reads no more)
+
+    def text(self) -> dict[str, str]:
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        return {"role": self.role, "content": content}
 
 
 class ChatRequest(_Request):
@@ -72,9 +103,13 @@ class APIError(Exception):
 class Server:
     """The model, its tokenizer and the admission of requests; the FastAPI app is built around one."""
 
-    def __init__(self, llm: LLM, model_name: str, max_concurrency: int = 1, max_prompt_chars: int = 100_000) -> None:
+    def __init__(self, llm: LLM, model_name: str, max_concurrency: int = 1, max_prompt_chars: int = 100_000,
+                 max_rows: int = 64, max_queued: int = 256) -> None:
         self.llm = llm
         self.model_name = model_name
+        self.max_rows = max_rows  # prompts x n of one request: the rows of its batch
+        self.max_queued = max_queued  # completions (rows) one client may have running or waiting
+        self.queued: dict[str, int] = {}
         # One engine per slot: a request takes one for its whole run, so no two runs share an engine's cached
         # state (on a GPU an engine keeps its CUDA-graph KV cache between calls).
         self.engines: queue.Queue[Engine] = queue.Queue()
@@ -84,16 +119,47 @@ class Server:
         self.created = int(time.time())
         self.abandoned = 0  # runs stopped early because their client went away
 
+    # -- admission ---------------------------------------------------------------------------------------------
+    def check_request(self, req: _Request, prompts: int) -> None:
+        """The model it names, and the size of its batch: a request is refused before it costs anything."""
+        if req.model is not None and req.model != self.model_name:
+            raise APIError(404, f"The model `{req.model}` does not exist; this server serves `{self.model_name}`.",
+                           "model", "model_not_found")
+        if prompts * req.n > self.max_rows:
+            raise APIError(400, f"{prompts} prompt(s) x n {req.n} = {prompts * req.n} completions; this server takes "
+                                f"at most {self.max_rows} per request (serve --max-rows)", "n", "too_many_rows")
+
+    def admit(self, client: str, rows: int) -> Callable[[], None]:
+        """Count a request's rows against its client; returns what ends it (which may be called more than once)."""
+        if self.queued.get(client, 0) + rows > self.max_queued:
+            raise APIError(429, f"this client has {self.queued.get(client, 0)} completions running or waiting; "
+                                f"{rows} more would pass its {self.max_queued} (serve --max-queued): retry when some "
+                                "have finished", code="rate_limit_exceeded", kind="requests")
+        self.queued[client] = self.queued.get(client, 0) + rows
+        ended = threading.Event()
+
+        def release() -> None:
+            if not ended.is_set():
+                ended.set()
+                self.queued[client] -= rows
+                if not self.queued[client]:
+                    del self.queued[client]
+
+        return release
+
     # -- requests -> prompts -----------------------------------------------------------------------------------
-    def encode_prompts(self, prompts: Sequence[str], max_tokens: int) -> list[list[int]]:
-        """Token ids of the prompts (a BOS first where the model's tokenizer adds one), after checking each against
-        the size limit and the context."""
+    def encode_prompts(self, prompts: Sequence[str] | Sequence[list[int]], max_tokens: int) -> list[list[int]]:
+        """Token ids of the prompts (a BOS first where the model's tokenizer adds one; ids as given), after checking
+        each against the size limit, the vocabulary and the context."""
         out = []
+        vocab = self.llm.model.config.vocab_size
         for p in prompts:
             if len(p) > self.max_prompt_chars:
                 raise APIError(400, f"the prompt has {len(p)} characters; this server takes at most "
                                     f"{self.max_prompt_chars}", "prompt", "prompt_too_long")
-            out.append(self.check_length(self.llm.engine.encode(p), max_tokens))
+            if not isinstance(p, str) and any(not 0 <= t < vocab for t in p):
+                raise APIError(400, f"the prompt has token ids outside the vocabulary [0, {vocab})", "prompt")
+            out.append(self.check_length(self.llm.engine.encode(p) if isinstance(p, str) else list(p), max_tokens))
         return out
 
     def check_length(self, ids: list[int], max_tokens: int) -> list[int]:
@@ -107,10 +173,11 @@ class Server:
 
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:
         """The conversation through the model's chat template (gptlab's own for a model without one)."""
-        if sum(len(m.content) for m in messages) > self.max_prompt_chars:
+        turns = [m.text() for m in messages]
+        if sum(len(m["content"]) for m in turns) > self.max_prompt_chars:
             raise APIError(400, f"the messages have more than {self.max_prompt_chars} characters", "messages",
                            "prompt_too_long")
-        return self.llm.tokenizer.encode_chat([m.model_dump() for m in messages], add_generation_prompt=True)
+        return self.llm.tokenizer.encode_chat(turns, add_generation_prompt=True)
 
     # -- generation (runs in a worker thread) ------------------------------------------------------------------
     def generate(self, prompts: Sequence[list[int]], req: _Request, max_tokens: int, stop: list[str],
@@ -139,12 +206,13 @@ def _sse(data: dict[str, Any] | str) -> str:
 
 
 def create_app(server: Server, api_key: str | None = None):  # -> fastapi.FastAPI
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+    from starlette.background import BackgroundTask
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    app = FastAPI(title="gptlab", docs_url=None, redoc_url=None)
+    app = FastAPI(title="gptlab", docs_url=None, redoc_url=None, openapi_url=None)  # no schema pages: a 404
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
@@ -152,8 +220,10 @@ def create_app(server: Server, api_key: str | None = None):  # -> fastapi.FastAP
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0] if e.errors() else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        errors = list(e.errors())
+        # of a union's alternatives, the one whose own check failed says most (a lone surrogate in a text)
+        first = next((x for x in errors if x.get("type") == "value_error"), errors[0] if errors else {})
+        loc = [str(x) for x in first.get("loc", ()) if x != "body" and "[" not in str(x)]
         if first.get("type") == "json_invalid":
             return JSONResponse(APIError(400, "the request body is not valid JSON").body(), status_code=400)
         message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}"
@@ -189,32 +259,50 @@ def create_app(server: Server, api_key: str | None = None):  # -> fastapi.FastAP
                                             "owned_by": "gptlab"}]}
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        if not prompts:
+    async def completions(req: CompletionRequest, request: Request):
+        prompts = req.prompts()
+        if not prompts or any(not p and not isinstance(p, str) for p in prompts):
             raise APIError(400, "prompt must not be empty", "prompt")
+        server.check_request(req, len(prompts))
         max_tokens = req.max_tokens or 16
         ids = server.encode_prompts(prompts, max_tokens)
-        return await respond(req, ids, max_tokens, req.stops(), server.llm.tokenizer.stop_ids, chat=False)
+        return await respond(req, ids, max_tokens, req.stops(), server.llm.tokenizer.stop_ids, chat=False,
+                             client=_client(request))
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
+    async def chat(req: ChatRequest, request: Request):
         tok = server.llm.tokenizer
+        server.check_request(req, 1)
         ids = server.encode_chat(req.messages)
         max_tokens = req.max_completion_tokens or req.max_tokens or max(1, server.llm.engine.context - len(ids))
         server.check_length(ids, max_tokens)
         return await respond(req, [ids], max_tokens, req.stops() + tok.chat_stop_strings, tok.chat_stop_ids,
-                             chat=True)
+                             chat=True, client=_client(request))
+
+    def _client(request: Request) -> str:
+        """Who a request counts against: its API key where one is sent, else its address."""
+        return request.headers.get("authorization") or (request.client.host if request.client else "?")
 
     async def respond(req: _Request, prompts: list[list[int]], max_tokens: int, stop: list[str],
-                      stop_ids: Sequence[int], chat: bool):
-        prompt_lengths = [max(1, len(p)) for p in prompts]
+                      stop_ids: Sequence[int], chat: bool, client: str):
+        release = server.admit(client, len(prompts) * req.n)
+        if req.stream:  # released when the stream ends, or when its response does
+            return StreamingResponse(stream(req, prompts, max_tokens, stop, stop_ids, chat, _base(req, chat), release),
+                                     media_type="text/event-stream", background=BackgroundTask(release))
+        try:
+            return await complete(req, prompts, max_tokens, stop, stop_ids, chat)
+        finally:
+            release()
+
+    def _base(req: _Request, chat: bool) -> dict[str, Any]:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        base = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": server.model_name}
-        if req.stream:
-            return StreamingResponse(stream(req, prompts, max_tokens, stop, stop_ids, chat, base),
-                                     media_type="text/event-stream")
+
+    async def complete(req: _Request, prompts: list[list[int]], max_tokens: int, stop: list[str],
+                       stop_ids: Sequence[int], chat: bool) -> dict[str, Any]:
+        prompt_lengths = [max(1, len(p)) for p in prompts]
+        base = _base(req, chat)
         cancelled = threading.Event()
         rows = await asyncio.to_thread(server.generate, prompts, req, max_tokens, stop, stop_ids, lambda *_: None,
                                        cancelled)
@@ -233,7 +321,8 @@ def create_app(server: Server, api_key: str | None = None):  # -> fastapi.FastAP
                                                       "total_tokens": prompt_tokens + completion_tokens}}
 
     async def stream(req: _Request, prompts: list[list[int]], max_tokens: int, stop: list[str],
-                     stop_ids: Sequence[int], chat: bool, base: dict[str, Any]) -> AsyncIterator[str]:
+                     stop_ids: Sequence[int], chat: bool, base: dict[str, Any], release: Callable[[], None]
+                     ) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
@@ -276,18 +365,29 @@ def create_app(server: Server, api_key: str | None = None):  # -> fastapi.FastAP
                     return
         finally:
             cancelled.set()  # a client that went away frees its slot at the next token
+            release()
 
     return app
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_concurrency: int = 1, device: str | None = None, dtype: str | None = None) -> None:
+          max_concurrency: int = 1, device: str | None = None, dtype: str | None = None, max_rows: int = 64,
+          max_queued: int = 256, max_prompt_chars: int = 100_000) -> None:
     """Load a checkpoint and serve it until interrupted."""
+    import sys
+
     import uvicorn
 
     from gptlab.api import load
 
+    if host not in LOOPBACK and not api_key:
+        print(f"gptlab: warning: serving on {host} without --api-key: anyone who can reach this address can use the "
+              "model", file=sys.stderr)
     llm = load(checkpoint, device=device, dtype=dtype)
     llm.tokenizer.check_chat_template()  # a template that does not render is a start-up error, not a 400 per request
-    server = Server(llm, Path(checkpoint).resolve().name, max_concurrency=max_concurrency)
+    server = Server(llm, Path(checkpoint).resolve().name, max_concurrency=max_concurrency,
+                    max_prompt_chars=max_prompt_chars, max_rows=max_rows, max_queued=max_queued)
     uvicorn.run(create_app(server, api_key), host=host, port=port, log_level="info")

@@ -111,14 +111,14 @@ def bad_inputs(hf_pair, tmp_path):
         "config vs weights": (["generate", str(mismatch)], "does not match the model config"),
         "corrupt weights": (["generate", str(garbage)], "cannot read"),
         "prompt too long": (["generate", c, "--prompt", "The train left " * 100], "context is 96 tokens"),
-        "top-p 1.5": (["generate", c, "--top-p", "1.5"], "top_p must be in (0, 1]"),
-        "not a number": (["generate", c, "--top-k", "many"], "invalid int value"),
+        "top-p 1.5": (["generate", c, "--top-p", "1.5"], "argument --top-p: 1.5 is not in (0, 1]"),
+        "not a number": (["generate", c, "--top-k", "many"], "argument --top-k: 'many' is not an integer"),
         "bad yaml": (["generate", c, "--config", str(badyaml)], "not valid YAML"),
         "unknown yaml key": (["generate", c, "--config", str(unknown)], "unknown option(s) temprature"),
         "bad device": (["generate", c, "--device", "tpu"], "unknown device"),
         "export over its input": (["export", "hf", c, c], "or inside it"),
         "serve a missing folder": (["serve", str(tmp_path / "nope")], "does not exist"),
-        "serve with no slots": (["serve", c, "--max-concurrency", "0"], "--max-concurrency must be >= 1"),
+        "serve with no slots": (["serve", c, "--max-concurrency", "0"], "argument --max-concurrency: 0 is not in [1, "),
     }
 
 

@@ -167,3 +167,53 @@ def test_val_split_holds_out_whole_documents_or_the_tail_of_one(tmp_path):
     meta = prepare([str(docs)], tmp_path / "many", tokenizer="char", val_fraction=0.1, progress=False)
     assert meta["split"]["val_tails"] == 0 and 15 <= meta["split"]["val_documents"] <= 25
     assert abs(meta["val_fraction_made"] - 0.1) < 0.01
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.sampled_from("ab\n\r é🙂"), max_size=400), st.integers(1, 40))
+def test_a_file_read_in_blocks_is_cut_where_the_whole_text_is(tmp_path_factory, text, piece_chars):
+    """A file is never read whole: its pieces, read a block at a time, are the pieces of its whole text."""
+    import gptlab.data.sources as sources
+
+    path = tmp_path_factory.mktemp("f") / "t.txt"
+    path.write_bytes(text.encode("utf-8"))
+    old = sources.PIECE_CHARS
+    sources.PIECE_CHARS = piece_chars
+    try:
+        assert list(sources.file_pieces(path)) == list(sources.pieces(text))
+        assert sources.utf8_chars(path) == len(text)
+    finally:
+        sources.PIECE_CHARS = old
+
+
+def test_one_large_file_streams_in_pieces_and_its_tokens_are_its_text(tmp_path, monkeypatch):
+    """Memory stays flat in a file's size (pieces of a few characters here, so a small file spans thousands of
+    batches): the train and val shards, decoded, are the file's text; the tail starts at a line start."""
+    import gptlab.data.prepare as prep
+    import gptlab.data.sources as sources
+
+    monkeypatch.setattr(sources, "PIECE_CHARS", 50)
+    monkeypatch.setattr(prep, "BATCH_PIECES", 7)
+    text = "".join(f"line {i}: {'é' * (i % 5)} the ship left at dawn 🙂\n" for i in range(3000))
+    (tmp_path / "big.txt").write_text(text, encoding="utf-8")
+    meta = prepare([str(tmp_path / "big.txt")], tmp_path / "out", tokenizer="char", val_fraction=0.1,
+                   progress=False)
+    tok = Tokenizer.from_folder(tmp_path / "out")
+    data = TokenShards(tmp_path / "out").data
+    train, val = (tok.decode(int(t) for t in data[s]) for s in ("train", "val"))
+    assert train + val.removesuffix("<|endoftext|>") == text
+    assert val.startswith("line ") and abs(meta["val_fraction_made"] - 0.1) < 0.01
+    assert meta["bytes"] == len(text.encode("utf-8")) and meta["documents"] == 1
+
+
+def test_files_and_lines_that_are_not_utf8_are_skipped_and_reported(tmp_path, capsys):
+    (tmp_path / "good.txt").write_text("the ship left the harbour\n" * 20)
+    (tmp_path / "bad.txt").write_bytes(b"fine text\n" * 2000 + b"\xff\xfe broken\n")
+    (tmp_path / "d.jsonl").write_bytes(b'{"text": "one good line"}\n{"text": "\xff"}\n{"text": "two"}\n')
+    meta = prepare([str(tmp_path / "good.txt"), str(tmp_path / "bad.txt"), str(tmp_path / "d.jsonl")],
+                   tmp_path / "out", tokenizer="char", val_fraction=0.0, progress=False)
+    assert meta["documents"] == 3 and len(meta["skipped"]) == 2
+    assert "bad.txt: not UTF-8" in meta["skipped"][0] and "at byte 20000" in meta["skipped"][0]
+    assert "d.jsonl:2: not UTF-8" in meta["skipped"][1]
+    tok = Tokenizer.from_folder(tmp_path / "out")
+    assert "fine" not in tok.decode(int(t) for t in TokenShards(tmp_path / "out").data["train"])

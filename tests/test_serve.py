@@ -173,12 +173,84 @@ def post(base_url: str, path: str, body: bytes | str, key: str | None = KEY) -> 
     ("/v1/completions", '{"prompt": "hi", ', KEY, 400, "not valid JSON"),
     ("/v1/chat/completions", '{"messages": []}', KEY, 400, "messages"),
     ("/v1/chat/completions", '{"messages": [{"role": "robot", "content": "x"}]}', KEY, 400, "messages"),
+    ("/v1/completions", '{"prompt": "a\\ud800b"}', KEY, 400, "lone surrogate"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\udfff"}]}', KEY, 400, "lone surrogate"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}',
+     KEY, 400, "lone surrogate"),
+    ("/v1/completions", '{"prompt": "hi", "stop": ["\\ud800"]}', KEY, 400, "lone surrogate"),
+    ("/v1/completions", '{"prompt": "hi", "seed": 18446744073709551616}', KEY, 400, "seed"),
+    ("/v1/completions", '{"prompt": "hi", "model": "gpt-4o"}', KEY, 404, "`gpt-4o` does not exist"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "x"}], "model": "other"}', KEY, 404,
+     "does not exist"),
+    ("/v1/completions", json.dumps({"prompt": ["a"] * 2000, "n": 16}), KEY, 400, "at most 64 per request"),
+    ("/v1/completions", '{"prompt": [1, 2, 99999]}', KEY, 400, "outside the vocabulary"),
+    ("/v1/completions", '{"prompt": [[]]}', KEY, 400, "must not be empty"),
 ])
 def test_bad_requests_get_openai_errors(base_url, path, body, key, status, needle):
     code, payload = post(base_url, path, body, key)
     assert code == status
     assert set(payload["error"]) >= {"message", "type", "param", "code"} and needle in payload["error"]["message"] + \
         str(payload["error"]["param"])
+
+
+def test_no_schema_pages_and_unknown_paths_get_openai_errors(base_url):
+    for path in ("/openapi.json", "/docs", "/v1/nothing"):
+        try:
+            urllib.request.urlopen(urllib.request.Request(f"{base_url}{path}",
+                                                          headers={"Authorization": f"Bearer {KEY}"}))
+            raise AssertionError(path)
+        except urllib.error.HTTPError as e:
+            assert e.code == 404 and set(json.load(e)["error"]) >= {"message", "type", "param", "code"}
+
+
+def test_token_id_prompts_and_text_parts_are_what_their_text_is(client, llm):
+    text = "The train left"
+    ids = llm.engine.encode(text)
+    kwargs = dict(model="tiny", max_tokens=8, temperature=0)
+    by_text = client.completions.create(prompt=text, **kwargs).choices[0].text
+    assert client.completions.create(prompt=ids, **kwargs).choices[0].text == by_text
+    assert [c.text for c in client.completions.create(prompt=[ids, ids], **kwargs).choices] == [by_text] * 2
+    plain = client.chat.completions.create(messages=[{"role": "user", "content": "Hello there"}], **kwargs)
+    parts = client.chat.completions.create(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]}], **kwargs)
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+
+
+def test_a_client_gets_429_past_its_queued_work(llm):
+    """Rows (prompts x n) running or waiting are counted per client (its key, else its address)."""
+    from fastapi.testclient import TestClient
+
+    app = create_app(Server(llm, "tiny", max_rows=8, max_queued=4))
+    with TestClient(app) as http:
+        r = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "n": 5})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+        assert http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "n": 4}).status_code == 200
+        assert http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "n": 4}).status_code == 200  # freed
+
+
+def test_serving_beyond_loopback_without_a_key_warns(checkpoint, monkeypatch, capsys):
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    assert main(["serve", str(checkpoint), "--host", "0.0.0.0"]) == 0
+    assert "without --api-key" in capsys.readouterr().err
+    assert main(["serve", str(checkpoint), "--host", "0.0.0.0", "--api-key", "k"]) == 0
+    assert main(["serve", str(checkpoint)]) == 0
+    assert "without --api-key" not in capsys.readouterr().err
+
+
+def test_a_chat_template_that_does_not_compile_stops_the_server_at_start(checkpoint, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    (broken / "chat_template.jinja").write_text("{% if %}")
+    assert main(["serve", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "chat template" in err
 
 
 def test_unknown_fields_are_ignored(base_url):

@@ -3,13 +3,13 @@ batches it would have seen, with no loader state to save."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from gptlab.errors import GptlabError
+from gptlab.files import read_json_object
 from gptlab.tokenizer import Tokenizer
 
 SPLITS = {"train": 0, "val": 1}
@@ -26,13 +26,30 @@ class TokenShards:
         missing = [f for f in needed if not (self.folder / f).is_file()]
         if missing:
             raise GptlabError(f"{folder} is not a prepared data folder: missing {', '.join(missing)}")
-        self.meta = json.loads((self.folder / "meta.json").read_text())
+        self.meta = read_json_object(self.folder / "meta.json", missing_ok=False)
+        if self.meta.get("dtype") not in ("uint16", "uint32"):
+            raise GptlabError(f"{self.folder / 'meta.json'} names no token dtype (uint16 or uint32): "
+                              f"{self.meta.get('dtype')!r}")
         dtype = np.dtype(self.meta["dtype"])
-        self.data = {s: np.memmap(self.folder / f"{s}.bin", dtype=dtype, mode="r") if
-                     (self.folder / f"{s}.bin").stat().st_size else np.zeros(0, dtype) for s in SPLITS}
+        self.data = {}
+        for s in SPLITS:
+            path = self.folder / f"{s}.bin"
+            size = path.stat().st_size
+            if size % dtype.itemsize:
+                raise GptlabError(f"{path} has {size:,} bytes, not a whole number of {dtype.name} tokens: it is "
+                                  "truncated or not from this folder; prepare the data again")
+            self.data[s] = np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype)
 
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.from_folder(self.folder)
+
+    def check_tokenizer(self, tokenizer: Tokenizer, model: str) -> None:
+        """These tokens must be the model's: data prepared with another tokenizer scores a model on wrong ids. (The
+        model's may have more: task tokens added in fine-tuning.)"""
+        ours = self.tokenizer().backend.get_vocab(with_added_tokens=True)
+        if not ours.items() <= tokenizer.backend.get_vocab(with_added_tokens=True).items():
+            raise GptlabError(f"{self.folder} was prepared with another tokenizer than {model}'s; prepare it with "
+                              f"`gptlab prepare SOURCES --out NEW --tokenizer CHECKPOINT`")
 
     def check(self, block_size: int, batch_size: int, need_val: bool) -> None:
         n = len(self.data["train"])

@@ -1,21 +1,83 @@
 """Where text comes from: files, folders, JSONL files, or `stdlib` (Python's own source, present wherever Python is).
 
-Sources are read lazily, one document at a time, so memory stays flat however large the corpus is.
+Sources are read lazily, one document at a time and a document a piece at a time, so memory stays flat however
+large the corpus or any one file of it is.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import sys
 import sysconfig
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gptlab.errors import GptlabError
 
 DEFAULT_EXTENSIONS = (".txt", ".md", ".py", ".rst", ".json", ".csv", ".html", ".c", ".h", ".js", ".ts", ".java")
+PIECE_CHARS = 1 << 14  # a document is read and encoded in pieces of about this many characters, cut at line ends
+READ_BYTES = 1 << 20  # what the UTF-8 check reads at a time
+
+
+@dataclass
+class Document:
+    """One document: its size, and its text as pieces read when asked (a large file is never in memory whole)."""
+
+    bytes: int
+    chars: int
+    read: Callable[[], Iterator[str]]  # the pieces, in order; "".join of them is the document
+
+    def text(self) -> str:
+        return "".join(self.read())
+
+
+def pieces(text: str) -> Iterator[str]:
+    """Cut a text at line ends into pieces of about PIECE_CHARS characters (BPE never merges across a cut that falls
+    on a newline it would keep whole anyway)."""
+    start = 0
+    while len(text) - start > PIECE_CHARS:
+        cut = text.rfind("\n", start, start + PIECE_CHARS) + 1
+        cut = cut if cut > start else start + PIECE_CHARS
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def file_pieces(path: Path) -> Iterator[str]:
+    """A UTF-8 file's `pieces`, read a block at a time: the same cuts as `pieces` of the whole text."""
+    with open(path, encoding="utf-8", newline="") as f:
+        buffer = ""
+        while True:
+            block = f.read(PIECE_CHARS)
+            buffer += block
+            while len(buffer) > PIECE_CHARS:  # enough text to know where the next piece ends
+                cut = buffer.rfind("\n", 0, PIECE_CHARS) + 1 or PIECE_CHARS
+                yield buffer[:cut]
+                buffer = buffer[cut:]
+            if not block:
+                break
+        yield buffer
+
+
+def utf8_chars(path: Path) -> int:
+    """The number of characters of a UTF-8 file, read a block at a time; UnicodeDecodeError (with the byte offset
+    of the file in `start`) if it is not UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    chars = offset = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(READ_BYTES)
+            try:
+                chars += len(decoder.decode(block, final=not block))
+            except UnicodeDecodeError as e:
+                raise UnicodeDecodeError("utf-8", e.object, e.start, e.end, f"{e.reason} at byte "
+                                         f"{max(0, offset - len(e.object) + len(block)) + e.start}") from None
+            if not block:
+                return chars
+            offset += len(block)
 
 
 @dataclass
@@ -67,35 +129,45 @@ def resolve(sources: Sequence[str], extensions: Sequence[str] = DEFAULT_EXTENSIO
 
 
 def documents(files: Sequence[tuple[str, Path]], text_field: str = "text",
-              report: SourceReport | None = None) -> Iterator[str]:
-    """Each document's text; files that are not UTF-8 and JSONL lines without the field are skipped and reported."""
+              report: SourceReport | None = None) -> Iterator[Document]:
+    """Each non-empty document; files that are not UTF-8 and JSONL lines without the field are skipped and
+    reported."""
     report = report if report is not None else SourceReport()
     for kind, path in files:
         try:
             if kind == "jsonl":
                 yield from _jsonl(path, text_field, report)
                 continue
-            raw = path.read_bytes()
-            text = raw.decode("utf-8")
+            chars = utf8_chars(path)  # a first pass: a file that is not UTF-8 is skipped before any of it is used
+            size = os.path.getsize(path)
         except UnicodeDecodeError as e:
-            report.skip(str(path), f"not UTF-8 (byte {e.start})")
+            report.skip(str(path), f"not UTF-8 ({e.reason})")
             continue
         except OSError as e:
             report.skip(str(path), e.strerror or str(e))
             continue
-        if text:
+        if chars:
             report.documents += 1
-            report.bytes += len(raw)
-            yield text
+            report.bytes += size
+            yield Document(size, chars, lambda path=path: file_pieces(path))
 
 
-def _jsonl(path: Path, text_field: str, report: SourceReport) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+def texts(files: Sequence[tuple[str, Path]], text_field: str = "text") -> Iterator[str]:
+    """The documents' text in pieces (what a tokenizer trains on)."""
+    for doc in documents(files, text_field):
+        yield from doc.read()
+
+
+def _jsonl(path: Path, text_field: str, report: SourceReport) -> Iterator[Document]:
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                report.skip(f"{path}:{n}", f"not UTF-8 (byte {e.start} of the line)")
+                continue
             except json.JSONDecodeError:
                 report.skip(f"{path}:{n}", "not JSON")
                 continue
@@ -105,8 +177,9 @@ def _jsonl(path: Path, text_field: str, report: SourceReport) -> Iterator[str]:
                 continue
             if text:
                 report.documents += 1
-                report.bytes += len(text.encode("utf-8"))
-                yield text
+                size = len(text.encode("utf-8"))
+                report.bytes += size
+                yield Document(size, len(text), lambda text=text: pieces(text))
 
 
 def total_bytes(files: Sequence[tuple[str, Path]]) -> int:

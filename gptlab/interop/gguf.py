@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gptlab.checkpoint import load_checkpoint, model_state
+from gptlab.checkpoint import load_checkpoint, model_state, read_folders
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
-from gptlab.files import atomic_write
+from gptlab.files import atomic_write, check_outside
 from gptlab.model import build_on_meta
 from gptlab.rope import Frequencies
 from gptlab.tokenizer import Tokenizer
@@ -386,6 +386,7 @@ def export_gguf(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str],
     out = Path(out)
     if out.exists():
         raise GptlabError(f"{out} already exists; choose a new file name (nothing was written)")
+    check_outside(out, read_folders(checkpoint))
     model, tokenizer = load_checkpoint(checkpoint)
     cfg = model.config
     arch = architecture(cfg)

@@ -24,6 +24,7 @@ from gptlab.checkpoint import (
     load_checkpoint,
     load_model,
     model_state,
+    read_folders,
     read_pickled_weights,
     read_weights,
     save_checkpoint,
@@ -249,6 +250,7 @@ def _text_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def export_hf(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
     """A gptlab checkpoint -> a folder that `AutoModelForCausalLM` and `AutoTokenizer` load offline, with the same
     special tokens, stop ids and chat template; the folder appears whole or not at all."""
+    check_new_folder(out, read_folders(checkpoint))  # before anything is read
     model, tokenizer = load_checkpoint(checkpoint)
     if model.quantization is not None:  # transformers gets the float weights the codes stand for
         from gptlab.quant.layers import dequantize_model
@@ -279,4 +281,4 @@ def export_hf(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]) -
                            ("special_tokens_map.json", specials)):
             atomic_write_text(folder / name, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
-    return write_folder(out, write, [checkpoint])
+    return write_folder(out, write, read_folders(checkpoint))

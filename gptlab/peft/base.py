@@ -17,8 +17,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from gptlab.checkpoint import WEIGHTS, read_weights, save_checkpoint
+from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
-from gptlab.files import atomic_write, atomic_write_text
+from gptlab.files import atomic_write, atomic_write_text, read_json_object
 from gptlab.model import GPT
 from gptlab.quant.layers import QuantLinear
 from gptlab.tokenizer import Tokenizer
@@ -39,6 +40,9 @@ class Method:
 
     def __init__(self, **settings: Any) -> None:
         self.settings = settings
+
+    def check(self, config: ModelConfig) -> None:
+        """Refuse settings the base's shape cannot take (before anything is loaded)."""
 
     def attach(self, model: GPT) -> None:
         """Wrap or freeze parts of `model` before training (full training changes nothing)."""
@@ -127,13 +131,25 @@ def load_adapter_checkpoint(folder: Path) -> tuple[GPT, Tokenizer]:
     for name in (ADAPTER_CONFIG, ADAPTER, "tokenizer.json"):
         if not (folder / name).is_file():
             raise GptlabError(f"{folder} is not a complete fine-tuned checkpoint: missing {name}")
-    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    config = read_json_object(folder / ADAPTER_CONFIG, missing_ok=False)
+    missing = [k for k in ("method", "base", "base_fingerprint") if not isinstance(config.get(k), str)]
+    if missing:
+        raise GptlabError(f"{folder / ADAPTER_CONFIG} lacks {', '.join(missing)}: it is not a gptlab fine-tuned run")
     base = Path(config.pop("base"))
+    if base.resolve() == folder.resolve() or (base / ADAPTER_CONFIG).is_file():
+        raise GptlabError(f"{folder / ADAPTER_CONFIG} names {base} as its base, which is itself a fine-tuned run; "
+                          "a base must be a full checkpoint")
     if not (base / "config.json").is_file() or not (base / WEIGHTS).is_file():
         raise GptlabError(f"the base model of {folder} is missing: {base} (the adapter needs it)")
     if fingerprint(base) != config.pop("base_fingerprint"):
         raise GptlabError(f"the base model in {base} is not the one {folder} was trained on (fingerprint differs)")
-    method = METHODS[config.pop("method")](**config)
+    name = config.pop("method")
+    if name not in METHODS:
+        raise GptlabError(f"{folder / ADAPTER_CONFIG}: unknown method {name!r}")
+    try:
+        method = METHODS[name](**config)
+    except TypeError as e:
+        raise GptlabError(f"{folder / ADAPTER_CONFIG}: settings that {name} does not take ({e})") from None
     model, _ = load_checkpoint(base)
     tokenizer = Tokenizer.from_folder(folder)
     if tokenizer.vocab_size > model.config.vocab_size:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
 from gptlab.peft.base import SmallMethod
@@ -39,14 +40,19 @@ class LlamaAdapter(SmallMethod):
     name = "llama-adapter"
     lr = 9e-3  # zero-initialised gates must open first (the LLaMA-Adapter paper's rate)
 
-    def __init__(self, virtual_tokens: int = 10, layers: int = 8) -> None:
-        if virtual_tokens < 1 or layers < 1:
+    def __init__(self, virtual_tokens: int = 10, layers: int | None = None) -> None:
+        if virtual_tokens < 1 or (layers is not None and layers < 1):
             raise GptlabError("llama_adapter.virtual_tokens and llama_adapter.layers must be >= 1")
         self.n, self.layers = virtual_tokens, layers
         super().__init__(virtual_tokens=virtual_tokens, layers=layers)
 
+    def check(self, config: ModelConfig) -> None:
+        if self.layers is not None and self.layers > config.n_layer:
+            raise GptlabError(f"llama_adapter.layers is {self.layers}, but the model has {config.n_layer} layers")
+
     def attach(self, model: GPT) -> None:
         model.requires_grad_(False)
         cfg, wte = model.config, model.transformer.wte.weight
-        for block in model.transformer.h[-min(self.layers, cfg.n_layer):]:  # the top layers, as in the paper
+        top = min(self.layers or 8, cfg.n_layer)  # the paper's top 8 by default
+        for block in model.transformer.h[-top:]:  # the top layers, as in the paper
             block.attn.adaption = AdaptionPrompt(self.n, cfg.n_embd, cfg.n_head).to(wte.device, wte.dtype)

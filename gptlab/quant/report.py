@@ -10,9 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +21,16 @@ import numpy as np
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from gptlab.checkpoint import check_folder, load_checkpoint, model_state, read_quantization, save_checkpoint
+from gptlab.checkpoint import (
+    check_folder,
+    load_checkpoint,
+    model_state,
+    read_folders,
+    read_quantization,
+    save_checkpoint,
+)
 from gptlab.errors import GptlabError
-from gptlab.files import atomic_write_text
+from gptlab.files import atomic_write_text, check_new_folder, write_folder
 from gptlab.model import GPT
 from gptlab.quant.formats import QuantSpec
 from gptlab.quant.layers import quantize_model
@@ -44,20 +49,12 @@ def quantize_checkpoint(src: str | Path, out: str | Path, spec: QuantSpec) -> Pa
     if not (src / "adapter_config.json").is_file():
         check_folder(src)
         refuse_quantized(src)
-    if out.exists():
-        raise GptlabError(f"{out} already exists; choose a new --out (nothing was written)")
+    check_new_folder(out, read_folders(src))
     model, tokenizer = load_checkpoint(src, quantize=spec)
     if model.quantization is None:  # a fine-tuned folder: its merged float model
         quantize_model(model, spec)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_checkpoint(staging, model, tokenizer)  # the tokenizer's files (chat template included) travel too
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
+    # the tokenizer's files (chat template included) travel too
+    return write_folder(out, lambda folder: save_checkpoint(folder, model, tokenizer), read_folders(src))
 
 
 @dataclass
@@ -81,8 +78,7 @@ def eval_tokens(data: str | None, tokenizer: Tokenizer) -> tuple[np.ndarray, str
         from gptlab.data.loader import TokenShards
 
         shards = TokenShards(data)
-        if shards.tokenizer().backend.to_str() != tokenizer.backend.to_str():
-            raise GptlabError(f"{data} was prepared with another tokenizer than the model's")
+        shards.check_tokenizer(tokenizer, "the checkpoint")
         return np.asarray(shards.data["val"]), f"{data} (val split)"
     import inspect
     import json as json_module
@@ -124,9 +120,11 @@ def measure(model: GPT, tokenizer: Tokenizer, tokens: np.ndarray, max_tokens: in
 
 def report(src: str | Path, data: str | None = None, group_size: int | None = None, out: str | Path | None = None,
            max_tokens: int = 20_000) -> tuple[list[dict[str, Any]], str, Path]:
-    """Rows (one per format), the rendered table, and where it was written (OUT, or the checkpoint folder)."""
+    """Rows (one per format), the rendered table, and the new folder `out` that holds it (None: written nowhere)."""
     src = Path(src)
     check_folder(src)
+    if out is not None:
+        check_new_folder(out, [src])
     refuse_quantized(src)
     base, tokenizer = load_checkpoint(src, dtype=torch.float32)
     tokens, where = eval_tokens(data, tokenizer)
@@ -147,11 +145,14 @@ def report(src: str | Path, data: str | None = None, group_size: int | None = No
     for row in rows:
         row["ppl_change"] = row["perplexity"] - ref
     table = render(rows, src, where, group_size or 64)
-    folder = Path(out) if out else src
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / "quantize-report.md", table + "\n")
-    atomic_write_text(folder / "quantize-report.json", json.dumps(rows, indent=2) + "\n")
-    return rows, table, folder
+    if out is None:
+        return rows, table, None
+
+    def write(folder: Path) -> None:
+        atomic_write_text(folder / "quantize-report.md", table + "\n")
+        atomic_write_text(folder / "quantize-report.json", json.dumps(rows, indent=2) + "\n")
+
+    return rows, table, write_folder(out, write, [src])
 
 
 def render(rows: list[dict[str, Any]], src: Path, where: str, group: int) -> str:

@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from gptlab.config import ModelConfig
+from gptlab.config import ModelConfig, check_fields
 from gptlab.errors import GptlabError
 
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
@@ -51,9 +51,16 @@ class TrainConfig:
     threads: int | None = None  # CPU threads; None keeps PyTorch's choice (one per physical core)
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "eval_steps", "log_every"):
-            if getattr(self, name) < 1:
-                raise GptlabError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        check_fields(self, "train")
+        at_least(self, "train", 1, "max_steps", "batch_size", "grad_accum", "eval_steps", "log_every", "threads")
+        at_least(self, "train", 0, "weight_decay", "grad_clip", "min_lr")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise GptlabError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.device is not None:
+            from gptlab.api import resolve_device
+
+            resolve_device(self.device)  # a device this machine has
         if self.loss_chunk is not None and self.loss_chunk < 0:
             raise GptlabError(f"train.loss_chunk must be >= 0 (0: the unfused loss), got {self.loss_chunk}")
         for name in ("warmup_steps", "eval_every", "save_every"):
@@ -82,12 +89,41 @@ class TrainConfig:
         return self.min_lr if self.min_lr is not None else self.lr / 10
 
 
+def at_least(settings: Any, section: str, low: float, *names: str) -> None:
+    """Each named field is None or >= low."""
+    for name in names:
+        value = getattr(settings, name)
+        if value is not None and value < low:
+            raise GptlabError(f"{section}.{name} must be >= {low:g}, got {value}")
+
+
+class Checked:
+    """Settings checked when made: field types (as for the model config), then the ranges `check` adds."""
+
+    section = ""
+
+    def __post_init__(self) -> None:
+        check_fields(self, self.section)
+        self.check()
+
+    def check(self) -> None:
+        pass
+
+
 @dataclass
-class LoRAConfig:
+class LoRAConfig(Checked):
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     targets: str = "c_attn,c_proj,c_fc"  # module names (or name endings), comma-separated
+    section = "lora"
+
+    def check(self) -> None:
+        at_least(self, self.section, 1, "r")
+        if not self.alpha > 0:
+            raise GptlabError(f"{self.section}.alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise GptlabError(f"{self.section}.dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass
@@ -95,31 +131,57 @@ class QLoRAConfig(LoRAConfig):
     scheme: str = "nf4"  # the base's format: nf4 (QLoRA's), fp4, int4 or int8
     group_size: int = 64  # weights per scale
     double_quant: bool = True  # quantize the scales too (QLoRA's double quantization)
+    section = "qlora"
+
+    def check(self) -> None:
+        from gptlab.quant.formats import SCHEMES
+
+        super().check()
+        at_least(self, self.section, 1, "group_size")
+        if self.scheme not in SCHEMES:
+            raise GptlabError(f"qlora.scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
 
 
 @dataclass
-class AdapterConfig:
+class AdapterConfig(Checked):
     bottleneck: int = 64
     targets: str = "attn.c_proj,mlp.c_proj"
     train_norms: bool = True
+    section = "adapter"
+
+    def check(self) -> None:
+        at_least(self, self.section, 1, "bottleneck")
 
 
 @dataclass
-class PrefixConfig:
+class PrefixConfig(Checked):
     virtual_tokens: int = 20
     hidden: int | None = 512  # the reparameterisation MLP's width; 0 or None learns the keys/values directly
+    section = "prefix"
+
+    def check(self) -> None:
+        at_least(self, self.section, 1, "virtual_tokens")
+        at_least(self, self.section, 0, "hidden")
 
 
 @dataclass
-class PromptConfig:
+class PromptConfig(Checked):
     virtual_tokens: int = 20
     init_text: str | None = None  # start the soft prompt from this text's token embeddings
+    section = "prompt"
+
+    def check(self) -> None:
+        at_least(self, self.section, 1, "virtual_tokens")
 
 
 @dataclass
-class LlamaAdapterConfig:
+class LlamaAdapterConfig(Checked):
     virtual_tokens: int = 10
-    layers: int = 8  # the top layers that get adaption prompts
+    layers: int | None = None  # the top layers that get adaption prompts (at most the model's); None: 8, or all
+    section = "llama_adapter"
+
+    def check(self) -> None:
+        at_least(self, self.section, 1, "virtual_tokens", "layers")
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "lora": LoRAConfig,

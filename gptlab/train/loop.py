@@ -21,9 +21,10 @@ import torch
 from tqdm import tqdm
 
 from gptlab.allocator import tune_for_tensors
-from gptlab.checkpoint import CONFIG, TOKENIZER, load_checkpoint
+from gptlab.checkpoint import CONFIG, TOKENIZER, check_fits, load_checkpoint, read_folders
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
+from gptlab.files import check_new_folder, check_outside
 from gptlab.loss import default_chunk
 from gptlab.model import GPT
 from gptlab.peft.base import Method
@@ -34,6 +35,7 @@ from gptlab.train.metrics import Metrics, flops_per_token, peak_flops
 from gptlab.train.optim import build_optimizer, lr_at
 
 PRETRAIN_LR = 6e-4  # GPT-2 small's, as nanoGPT trains it
+RUN_LOGS = {"metrics.jsonl", "loss.png", "tensorboard"}  # what a run writes before its first checkpoint
 
 
 class Batches(Protocol):
@@ -56,6 +58,7 @@ class Run:
     method: Method = field(default_factory=Method)
     progress: bool = True
     base: Path | None = None  # fine-tuning: the checkpoint folder the model starts from
+    inputs: tuple[Path, ...] = ()  # other folders the run reads (its data): `out` may not lie inside them
 
 
 def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
@@ -89,8 +92,11 @@ def _full_state(model: GPT, optimizer: torch.optim.Optimizer | None, d: distribu
 
 
 def _check_out(run: Run) -> dict[str, Any] | None:
-    """The saved state to resume from, or None for a fresh run; refuses to start over an existing run."""
+    """The saved state to resume from, or None for a fresh run. A fresh run starts only in a new or empty folder, a
+    resumed one only in a folder that holds a run; neither inside a folder it reads."""
     out = run.out
+    inputs = [*(read_folders(run.base) if run.base is not None else []), *run.inputs]
+    check_outside(out, inputs)
     if run.resume:
         state.recover(out)
         saved = state.load_train_state(out)
@@ -102,6 +108,8 @@ def _check_out(run: Run) -> dict[str, Any] | None:
         return saved
     if (out / state.TRAIN_STATE).exists() or (out / state.STAGING).exists():
         raise GptlabError(f"{out} already holds a training run; pass --resume to continue it, or choose a new --out")
+    if not (out.is_dir() and {p.name for p in out.iterdir()} <= RUN_LOGS):  # logs of a run that saved nothing
+        check_new_folder(out, inputs)
     return None
 
 
@@ -116,6 +124,7 @@ def train(run: Run) -> dict[str, Any]:
     if cfg.batch_size % d.world:
         raise GptlabError(f"train.batch_size {cfg.batch_size} must be divisible by the number of processes {d.world}")
     saved = _check_out(run)
+    distributed.barrier(d)  # every process has checked `out` before the first one writes there
     torch.manual_seed(cfg.seed)
     if run.base is not None:  # the base's weights; a resumed method restores its own below
         model, _ = load_checkpoint(run.base, quantize=run.method.base_quantization)
@@ -126,6 +135,7 @@ def train(run: Run) -> dict[str, Any]:
     elif saved:
         model = GPT(ModelConfig.from_json(str(run.out / CONFIG)))
     else:
+        check_fits(4 * run.model.approx_params(), f"a new model of about {run.model.approx_params():,} parameters")
         model = GPT(run.model)
     if run.tokenizer.vocab_size > model.config.vocab_size:
         model.resize_vocab(run.tokenizer.vocab_size)  # task tokens added for fine-tuning

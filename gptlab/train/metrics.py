@@ -30,6 +30,28 @@ def flops_per_token(cfg: ModelConfig, n_params: int) -> float:
     return 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
 
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; a torn last line (a kill or a full disk in the middle of a write) is dropped
+    with a warning, anything else unreadable is one line."""
+    import sys
+
+    lines = [line for line in path.read_bytes().split(b"\n") if line.strip()]
+    records = []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line.decode("utf-8"))
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a record with a step")
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError too
+            if n == len(lines):
+                print(f"gptlab: warning: dropped the torn last line of {path} ({len(line)} bytes)", file=sys.stderr)
+                break
+            raise GptlabError(f"{path} line {n} is not a metrics record ({e}); move the file away to resume without "
+                              "its history") from None
+        records.append(record)
+    return records
+
+
 class Metrics:
     """Appends records to metrics.jsonl and redraws loss.png; written only by the process that logs (rank 0)."""
 
@@ -39,8 +61,7 @@ class Metrics:
         self.records: list[dict[str, Any]] = []
         if resume_step is not None and self.path.exists():
             # keep what the checkpoint saw; steps logged after it will be logged again
-            lines = self.path.read_text().splitlines()
-            self.records = [r for r in map(json.loads, filter(None, lines)) if r["step"] <= resume_step]
+            self.records = [r for r in read_records(self.path) if r["step"] <= resume_step]
             atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n"
                                                                               for r in self.records)))
         elif self.path.exists():

@@ -68,7 +68,25 @@ def load_train_state(out: Path) -> dict[str, Any]:
     path = out / TRAIN_STATE
     if not path.is_file():
         raise GptlabError(f"{out} holds no resumable run (no {TRAIN_STATE}); start one without --resume")
+    saved = load_plain(path)
+    missing = [k for k in ("step", "optimizer", "rng") if not isinstance(saved, dict) or k not in saved]
+    if missing or not isinstance(saved["step"], int) or not isinstance(saved["rng"], dict) or \
+            "cpu" not in saved["rng"]:
+        lacks = ", ".join(missing) or "a valid step or rng"
+        raise GptlabError(f"{path} is not a gptlab training state (it lacks {lacks}); the run cannot resume from it")
+    return saved
+
+
+def load_plain(path: Path) -> Any:
+    """A torch file of tensors and plain values only (`weights_only=True`): arbitrary objects are never unpickled,
+    and a file that holds them is one line."""
+    import pickle
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise GptlabError(f"cannot read {path}: it holds objects other than tensors and plain values, which gptlab "
+                          "never unpickles") from None
     except Exception as e:
-        raise GptlabError(f"cannot read {path}: {e}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GptlabError(f"cannot read {path}: {first}") from None

@@ -1,0 +1,277 @@
+"""The mistakes people make, by class: each gives one line on stderr and exit status 2, and leaves every input as it
+was. One test per class (outputs over or inside inputs, corrupt or hostile files, values out of range, what a
+killed run leaves), with the cases of that class as parameters."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gptlab.cli import main
+from gptlab.data.prepare import prepare
+from gptlab.errors import GptlabError
+from gptlab.train.config import SECTIONS, _fields
+
+from .conftest import TEXT
+
+TINY = ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32",
+        "--train.batch_size=2", "--train.eval_every=0", "--train.log_every=1", "--train.threads=1"]
+
+
+def tree(folder: Path) -> dict[str, str]:
+    """Every file under `folder` and a hash of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_line_error(capsys, argv: list[str], message: str = "") -> str:
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, (argv, err)
+    assert err.count("\n") == 1 and err.startswith("gptlab: error: "), (argv, err)
+    assert message in err, (argv, err)
+    return err
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A prepared data folder, a pretrained checkpoint, a LoRA run on it, and a task file."""
+    root = tmp_path_factory.mktemp("mistakes")
+    (root / "corpus.txt").write_text(TEXT * 4)
+    prepare([str(root / "corpus.txt")], root / "data", tokenizer="char", val_fraction=0.2, progress=False)
+    assert main(["pretrain", "--data", str(root / "data"), "--out", str(root / "ckpt"), "--quiet",
+                 "--train.max_steps=2", *TINY]) == 0
+    (root / "task.jsonl").write_text("".join(json.dumps({"prompt": f"add {i} ", "completion": f"= {i}"}) + "\n"
+                                             for i in range(20)))
+    assert main(["finetune", str(root / "ckpt"), "--data", str(root / "task.jsonl"), "--out", str(root / "lora"),
+                 "--quiet", "--train.max_steps=2", "--train.batch_size=2", "--train.eval_every=0"]) == 0
+    return root
+
+
+OVER_INPUTS = {
+    "finetune into its base": (["finetune", "{ckpt}", "--data", "{task}", "--out", "{ckpt}", "--quiet"], "inside it"),
+    "full finetune into its base": (["finetune", "{ckpt}", "--method", "full", "--data", "{task}", "--out", "{ckpt}"],
+                                    "inside it"),
+    "finetune a LoRA run": (["finetune", "{lora}", "--data", "{task}", "--out", "{ckpt}/x"], "not a full checkpoint"),
+    "pretrain over a checkpoint": (["pretrain", "--data", "{data}", "--out", "{lora}", "--quiet", *TINY],
+                                   "already holds a training run"),
+    "pretrain into its data": (["pretrain", "--data", "{data}", "--out", "{data}/run", "--quiet", *TINY],
+                               "inside it"),
+    "prepare over a checkpoint": (["prepare", "{corpus}", "--out", "{ckpt}", "--tokenizer", "char"],
+                                  "already holds"),
+    "quantize inside its input": (["quantize", "{ckpt}", "--scheme", "int8", "--out", "{ckpt}/q"], "inside it"),
+    "quantize inside a LoRA run's base": (["quantize", "{lora}", "--scheme", "int8", "--out", "{ckpt}/q"],
+                                          "inside it"),
+    "quantize report into its input": (["quantize", "{ckpt}", "--report", "--out", "{ckpt}", "--max-tokens", "64"],
+                                       "inside it"),
+    "export hf inside its input": (["export", "hf", "{ckpt}", "{ckpt}/hf"], "inside it"),
+    "export gguf inside its input": (["export", "gguf", "{ckpt}", "{ckpt}/m.gguf"], "inside it"),
+    "export peft inside its base": (["export", "peft", "{lora}", "{ckpt}/peft"], "inside it"),
+    "import hf over a checkpoint": (["import", "hf", "{ckpt}", "{lora}"], "not empty"),
+    "compare inside its input": (["compare", "{ckpt}", "--data", "{task}", "--steps", "1", "--out", "{ckpt}/c"],
+                                 "inside it"),
+    "an --out that is a file": (["quantize", "{ckpt}", "--scheme", "int8", "--out", "{task}"], "is a file"),
+}
+
+
+@pytest.mark.parametrize("case", OVER_INPUTS, ids=list(OVER_INPUTS))
+def test_no_command_writes_over_or_inside_what_it_reads(workspace, capsys, case):
+    argv, message = OVER_INPUTS[case]
+    names = {k: str(workspace / v) for k, v in dict(ckpt="ckpt", lora="lora", data="data", task="task.jsonl",
+                                                      corpus="corpus.txt").items()}
+    before = tree(workspace)
+    one_line_error(capsys, [a.format(**names) for a in argv], message)
+    assert tree(workspace) == before
+
+
+def test_what_a_killed_writer_left_is_cleaned_by_the_next_run(workspace, tmp_path):
+    """A staging folder or a temporary file named for a process that no longer runs is removed; one of a running
+    process stays."""
+    dead = 2**22 + 12345  # above the default pid_max: no process has it
+    assert not os.path.exists(f"/proc/{dead}")
+    stale = tmp_path / f".hf.staging-{dead}"
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")
+    live = tmp_path / f".hf.staging-{os.getpid()}-other"
+    live.mkdir()
+    tmp = tmp_path / f".m.gguf.tmp-{dead}"
+    tmp.write_bytes(b"half")
+    assert main(["export", "hf", str(workspace / "ckpt"), str(tmp_path / "hf")]) == 0
+    assert main(["export", "gguf", str(workspace / "ckpt"), str(tmp_path / "m.gguf")]) == 0
+    assert not stale.exists() and not tmp.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "hf", "m.gguf"])
+
+
+def _safetensors(header: object) -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + b"\0" * 64
+
+
+def _corrupt(folder: Path, case: str) -> None:
+    config = folder / "config.json"
+    data = json.loads(config.read_text())
+    if case == "config not UTF-8":
+        config.write_bytes(b"\xff\xfe{}")
+    elif case == "config not JSON":
+        config.write_text("{model: 1")
+    elif case == "config a list":
+        config.write_text("[1, 2]")
+    elif case == "n_layer of the wrong type":
+        data["model"]["n_layer"] = "two"
+        config.write_text(json.dumps(data))
+    elif case == "n_layer 10^9":
+        data["model"]["n_layer"] = 10**9
+        config.write_text(json.dumps(data))
+    elif case == "block_size 10^9":
+        data["model"]["block_size"] = 10**9
+        config.write_text(json.dumps(data))
+    elif case == "header a list":
+        (folder / "model.safetensors").write_bytes(_safetensors([1, 2]))
+    elif case == "a 4 TiB tensor":
+        (folder / "model.safetensors").write_bytes(_safetensors(
+            {"transformer.wte.weight": {"dtype": "F32", "shape": [2**20, 2**20], "data_offsets": [0, 2**42]}}))
+    elif case == "negative dimensions":
+        (folder / "model.safetensors").write_bytes(_safetensors(
+            {"transformer.wte.weight": {"dtype": "F32", "shape": [-4, -4], "data_offsets": [0, 64]}}))
+    elif case == "truncated weights":
+        w = folder / "model.safetensors"
+        w.write_bytes(w.read_bytes()[:-100])
+    elif case == "tokenizer not JSON":
+        (folder / "tokenizer.json").write_text("nope")
+
+
+CORRUPT = ["config not UTF-8", "config not JSON", "config a list", "n_layer of the wrong type", "n_layer 10^9",
+           "block_size 10^9", "header a list", "a 4 TiB tensor", "negative dimensions", "truncated weights",
+           "tokenizer not JSON"]
+
+
+@pytest.mark.parametrize("case", CORRUPT)
+def test_corrupt_or_hostile_checkpoint_files_are_one_line(workspace, tmp_path, capsys, case):
+    """Sizes in a file are checked against the file, and a config against its weights, before anything is
+    allocated."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(workspace / "ckpt", folder)
+    _corrupt(folder, case)
+    before = tree(folder)
+    for argv in (["generate", str(folder), "--prompt", "The", "--max-new-tokens", "2"],
+                 ["export", "hf", str(folder), str(tmp_path / "hf")]):
+        one_line_error(capsys, argv)
+    assert tree(folder) == before and not (tmp_path / "hf").exists()
+
+
+def test_corrupt_run_and_data_files_are_one_line(workspace, tmp_path, capsys):
+    def copy(name: str) -> Path:
+        shutil.copytree(workspace / name, tmp_path / name, dirs_exist_ok=True)
+        return tmp_path / name
+
+    lora = copy("lora")
+    cfg = json.loads((lora / "adapter_config.json").read_text())
+    (lora / "adapter_config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "base"}))
+    one_line_error(capsys, ["generate", str(lora)], "lacks base")
+    (lora / "adapter_config.json").write_text(json.dumps({**cfg, "base": str(lora)}))
+    one_line_error(capsys, ["generate", str(lora)], "itself a fine-tuned run")  # once a RecursionError
+
+    data = copy("data")
+    (data / "meta.json").write_text("{")
+    one_line_error(capsys, ["evaluate", str(workspace / "ckpt"), "--data", str(data)], "not valid JSON")
+    (data / "meta.json").write_text("{}")
+    one_line_error(capsys, ["evaluate", str(workspace / "ckpt"), "--data", str(data)], "names no token dtype")
+    shutil.copy(workspace / "data" / "meta.json", data / "meta.json")
+    with open(data / "train.bin", "ab") as f:
+        f.write(b"\0")
+    one_line_error(capsys, ["evaluate", str(workspace / "ckpt"), "--data", str(data), "--split", "train"],
+                   "not a whole number")
+
+    other = tmp_path / "bpe"  # the same text prepared with another tokenizer
+    prepare([str(workspace / "corpus.txt")], other, tokenizer="bpe", vocab_size=300, val_fraction=0.2,
+            progress=False)
+    one_line_error(capsys, ["evaluate", str(workspace / "ckpt"), "--data", str(other)], "another tokenizer")
+
+    run = copy("ckpt")
+    resume = ["pretrain", "--data", str(workspace / "data"), "--out", str(run), "--resume", "--quiet",
+              "--train.max_steps=4", *TINY]
+    state = torch.load(run / "train_state.pt", weights_only=True)
+    torch.save({k: v for k, v in state.items() if k != "optimizer"}, run / "train_state.pt")
+    one_line_error(capsys, resume, "lacks optimizer")
+    torch.save({**state, "extra": Path("x")}, run / "train_state.pt")  # an object a plain load refuses
+    one_line_error(capsys, resume, "never unpickles")
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(workspace, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(workspace / "ckpt", run)
+    metrics = run / "metrics.jsonl"
+    text = metrics.read_text()
+    metrics.write_text(text + text.splitlines()[-1][:7])  # a kill in the middle of a write
+    capsys.readouterr()
+    assert main(["pretrain", "--data", str(workspace / "data"), "--out", str(run), "--resume", "--quiet",
+                 "--train.max_steps=3", *TINY]) == 0
+    assert "dropped the torn last line" in capsys.readouterr().err
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+BAD_FLAGS = [
+    (["--train.lr", "nan"], "train.lr"), (["--train.beta1", "2"], "train.beta1"),
+    (["--train.threads", "-1"], "train.threads"), (["--train.weight_decay", "-1"], "train.weight_decay"),
+    (["--train.grad_clip", "-1"], "train.grad_clip"), (["--train.device", "cuda"], "no CUDA GPU"),
+    (["--train.max_steps", "two"], "--train.max_steps must be int"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_FLAGS, ids=[f[0] for f, _ in BAD_FLAGS])
+def test_settings_out_of_range_are_one_line(workspace, tmp_path, capsys, flags, message):
+    if "cuda" in flags and torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    one_line_error(capsys, ["pretrain", "--data", str(workspace / "data"), "--out", str(tmp_path / "run"),
+                            *TINY, *flags], message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_verb_options_out_of_range_are_one_line(workspace, tmp_path, capsys):
+    c, task = str(workspace / "ckpt"), str(workspace / "task.jsonl")
+    (tmp_path / "limit.yaml").write_text(f"data: {task}\nlimit: 0\n")
+    for argv, message in [
+        (["finetune", c, "--method", "lora", "--lora.dropout", "1.5", "--data", task, "--out", str(tmp_path / "x")],
+         "lora.dropout must be in [0, 1)"),
+        (["finetune", c, "--method", "llama-adapter", "--llama_adapter.layers", "99", "--data", task, "--out",
+          str(tmp_path / "x")], "but the model has 2 layers"),
+        (["serve", c, "--port", "99999"], "--port: 99999 is not in [1, 65535]"),
+        (["evaluate", c, "--data", str(workspace / "data"), "--split", "test"], "invalid choice: 'test'"),
+        (["evaluate", c, "--data", task, "--limit", "0"], "--limit: 0 is not in [1, "),
+        (["evaluate", c, "--data", task, "--shots", "-3"], "--shots: -3 is not in [0, "),
+        (["evaluate", c, "--config", str(tmp_path / "limit.yaml")], "limit: 0 is not in [1, "),  # from a file too
+        (["quantize", c, "--report", "--max-tokens", "0"], "--max-tokens: 0 is not in [1, "),
+        (["generate", c, "--seed", str(2**64)], "--seed"),
+        (["generate", c, "--prompt", "caf\udce9"], "--prompt is not UTF-8 text"),  # the bytes b"caf\xe9" in argv
+    ]:
+        one_line_error(capsys, argv, message)
+    assert not (tmp_path / "x").exists()
+
+
+VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
+                   st.text(max_size=8), st.lists(st.integers(-3, 3), max_size=3), st.dictionaries(st.text(max_size=3),
+                                                                                                  st.integers()))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(sorted(SECTIONS)), st.data())
+def test_any_value_of_any_setting_is_taken_or_refused_in_one_line(section, data):
+    """The typed settings (YAML files, config.json, flags, Python) are the one validation layer: whatever a field
+    is given, the settings are made or a GptlabError says why; nothing else escapes."""
+    name = data.draw(st.sampled_from(sorted(_fields(section))))
+    value = data.draw(VALUES)
+    try:
+        SECTIONS[section](**{name: value})
+    except GptlabError as e:
+        assert "\n" not in str(e)
