@@ -92,7 +92,7 @@ def render(template: str | None, messages: Sequence[Mapping[str, Any]], add_gene
                                documents=None, add_generation_prompt=add_generation_prompt, **names, **extra)
     except jinja2.TemplateError as e:
         raise GptlabError(f"the chat template cannot render this conversation: {e}") from None
-    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:  # raised inside the template
+    except Exception as e:  # raised inside the template's own code (a division by zero, a wrong type, ...)
         raise GptlabError(f"the chat template cannot render this conversation: {type(e).__name__}: {e}") from None
 
 

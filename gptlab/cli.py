@@ -210,7 +210,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gptlab.checkpoint import check_folder
     from gptlab.serve import serve
 
-    check_folder(args.checkpoint)
+    if not (Path(args.checkpoint) / "adapter_config.json").is_file():  # a fine-tuned run loads with its base
+        check_folder(args.checkpoint)
     serve(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key,
           max_concurrency=args.max_concurrency, device=args.device, dtype=args.dtype, max_rows=args.max_rows,
           max_queued=args.max_queued, max_prompt_chars=args.max_prompt_chars)

@@ -18,7 +18,7 @@ from gptlab.config import ModelConfig
 from gptlab.data.builtin_tasks import BUILTIN, builtin_examples
 from gptlab.data.tasks import Example, ExampleBatches, load_examples
 from gptlab.errors import GptlabError
-from gptlab.files import check_outside
+from gptlab.files import check_new_folder, check_outside
 from gptlab.tokenizer import Tokenizer
 
 
@@ -56,6 +56,8 @@ def finetune(checkpoint: str | os.PathLike[str], data: str, out: str | os.PathLi
                           "one with `gptlab export hf` and `gptlab import hf` first")
     base, out = check_folder(checkpoint), Path(out)
     check_outside(out, [base, data] if Path(data).exists() else [base])
+    if out.is_file():
+        check_new_folder(out)  # one line before the data is read
     sections = sections or {}
     tokenizer = Tokenizer.from_folder(base)
     section = method.replace("-", "_")

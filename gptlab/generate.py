@@ -90,6 +90,7 @@ class TextStream:
     """
 
     CONTEXT = 4  # prompt tokens the first new token is decoded after
+    PENDING = 8  # undecodable tokens held at most; past them all but the last 4 (a character's bytes) are released
 
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), stop_ids: int | Iterable[int] | None = None
                  ) -> None:
@@ -124,7 +125,19 @@ class TextStream:
         before = self.tokenizer.decode(self._window[: self._read])
         after = self.tokenizer.decode(self._window)
         if not final and (len(after) <= len(before) or after.endswith("\ufffd")):  # half a character: wait
-            return ""
+            if len(self._window) - self._read <= self.PENDING:
+                return ""
+            # bytes that no next token completes (a model writing invalid UTF-8): release them, so that a long run
+            # of them costs each token the same and not the whole run's decode again
+            keep = self._window[-4:]
+            self._window = self._window[:-4]
+            piece = self._take(before, self.tokenizer.decode(self._window), final=False)
+            self._window += keep if not self.done else []
+            return piece
+        return self._take(before, after, final)
+
+    def _take(self, before: str, after: str, final: bool) -> str:
+        """Keep the text the window's new tokens add; they become the next window's context."""
         start = len(self.text)
         self.text += after[len(before):]
         self._window, self._read = self._window[self._read:], len(self._window) - self._read

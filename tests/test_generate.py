@@ -178,3 +178,24 @@ def test_batch_text_generation(llm):
 
 def test_empty_prompt_starts_from_end_of_text(llm):
     assert isinstance(llm.generate("", max_new_tokens=5, temperature=0), str)
+
+
+def test_a_long_run_of_invalid_utf8_streams_in_bounded_steps(tokenizer):
+    """A model writing bytes that never form a character (byte-level BPE pieces of lone continuation bytes) gets the
+    text one decode of all its tokens gives, while the stream holds at most a few tokens back: each token costs the
+    same however long the run (it once decoded the whole run again at every token)."""
+    import random
+
+    bad = [i for i in range(tokenizer.vocab_size) if tokenizer.decode([i]) == "\ufffd"]
+    good = tokenizer.encode(" the train left the station 🙂 é")
+    rng = random.Random(0)
+    ids = [rng.choice(bad) for _ in range(300)] + good + [rng.choice(bad) for _ in range(300)] + good
+    stream = TextStream(tokenizer, stop=["NEVER"])
+    stream.begin([])
+    pieces, held = [], 0
+    for token in ids:
+        pieces.append(stream.push(token))
+        held = max(held, len(stream._window) - stream._read)
+    pieces.append(stream.finish())
+    assert "".join(pieces) == tokenizer.decode(ids)
+    assert held <= TextStream.PENDING + 1

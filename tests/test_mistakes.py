@@ -275,3 +275,55 @@ def test_any_value_of_any_setting_is_taken_or_refused_in_one_line(section, data)
         SECTIONS[section](**{name: value})
     except GptlabError as e:
         assert "\n" not in str(e)
+
+
+def test_data_and_configs_from_elsewhere_are_one_line(workspace, tmp_path, capsys):
+    """Files a person brings: a task file or corpus that is not UTF-8, a Hugging Face config without a field."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"prompt": "a", "completion": "b"}\n' * 50 + b'{"prompt": "\xff", "completion": "c"}\n')
+    for extra in ([], ["--skip-bad-lines"]):
+        one_line_error(capsys, ["finetune", str(workspace / "ckpt"), "--data", str(bad), "--out", str(tmp_path / "f"),
+                                *extra], "is not UTF-8 text")
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe text")
+    capsys.readouterr()
+    assert main(["prepare", str(tmp_path / "bad.txt"), "--out", str(tmp_path / "p"), "--vocab-size", "300",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "skipping" in err[0] and "hold no text" in err[1]  # the skip said once, then the error
+    hf = tmp_path / "hf"
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                 intermediate_size=64, vocab_size=300)).save_pretrained(hf)
+    shutil.copy(workspace / "ckpt" / "tokenizer.json", hf / "tokenizer.json")
+    config = json.loads((hf / "config.json").read_text())
+    for field in ("hidden_size", "num_hidden_layers", "vocab_size"):
+        (hf / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != field}))
+        one_line_error(capsys, ["import", "hf", str(hf), str(tmp_path / "imported")], f"lacks '{field}'")
+    (hf / "config.json").write_text(json.dumps({**config, "num_attention_heads": "two"}))
+    one_line_error(capsys, ["import", "hf", str(hf), str(tmp_path / "imported")], "must be integer")
+    assert not (tmp_path / "imported").exists()
+
+
+def test_a_killed_export_leaves_nothing_half_written_and_the_rerun_succeeds(workspace, tmp_path):
+    """SIGKILL at moments through `export hf` and `quantize`: the output is absent or whole, never half; the same
+    command run again succeeds (what the kill left is cleaned)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    for n, (verb, delay) in enumerate([("hf", 0.8), ("hf", 1.6), ("hf", 2.4), ("quantize", 1.2), ("quantize", 2.2)]):
+        out = tmp_path / f"out{n}"
+        argv = ([sys.executable, "-m", "gptlab", "export", "hf", str(workspace / "ckpt"), str(out)] if verb == "hf"
+                else [sys.executable, "-m", "gptlab", "quantize", str(workspace / "ckpt"), "--scheme", "int8",
+                      "--out", str(out)])
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        names = ["config.json", "model.safetensors", "tokenizer.json"]
+        assert not out.exists() or all((out / f).is_file() for f in names), sorted(p.name for p in out.iterdir())
+        if not out.exists():
+            assert subprocess.run(argv, capture_output=True).returncode == 0
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(f".out{n}.")) == []

@@ -178,6 +178,8 @@ def post(base_url: str, path: str, body: bytes | str, key: str | None = KEY) -> 
     ("/v1/chat/completions", '{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}',
      KEY, 400, "lone surrogate"),
     ("/v1/completions", '{"prompt": "hi", "stop": ["\\ud800"]}', KEY, 400, "lone surrogate"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": '
+     '{"url": "x"}}]}]}', KEY, 400, "type 'image_url': this model reads text parts only"),
     ("/v1/completions", '{"prompt": "hi", "seed": 18446744073709551616}', KEY, 400, "seed"),
     ("/v1/completions", '{"prompt": "hi", "model": "gpt-4o"}', KEY, 404, "`gpt-4o` does not exist"),
     ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "x"}], "model": "other"}', KEY, 404,
@@ -251,6 +253,35 @@ def test_a_chat_template_that_does_not_compile_stops_the_server_at_start(checkpo
     assert main(["serve", str(broken)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "chat template" in err
+
+
+def test_a_template_that_fails_while_rendering_is_a_400(checkpoint, tmp_path):
+    """Template code that raises (here a division by zero on an assistant turn) is the request's fault, not a 500."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    (broken / "chat_template.jinja").write_text("{% for m in messages %}{% if m.role == 'assistant' %}{{ 1 / 0 }}"
+                                                "{% endif %}{{ m.content }}{% endfor %}")
+    with TestClient(create_app(Server(gptlab.load(broken, device="cpu"), "broken"))) as http:
+        ok = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert ok.status_code == 200
+        r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}, {
+            "role": "assistant", "content": "x"}, {"role": "user", "content": "y"}], "max_tokens": 2})
+        assert r.status_code == 400 and "ZeroDivisionError" in r.json()["error"]["message"]
+
+
+def test_a_fine_tuned_run_is_served_with_its_base(checkpoint, tmp_path, monkeypatch):
+    import uvicorn
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **k: served.setdefault("app", app))
+    (tmp_path / "task.jsonl").write_text("".join(f'{{"prompt": "a{i}", "completion": "b"}}\n' for i in range(8)))
+    assert main(["finetune", str(checkpoint), "--data", str(tmp_path / "task.jsonl"), "--out", str(tmp_path / "lora"),
+                 "--quiet", "--train.max_steps=1", "--train.batch_size=2", "--train.eval_every=0"]) == 0
+    assert main(["serve", str(tmp_path / "lora")]) == 0 and "app" in served
 
 
 def test_unknown_fields_are_ignored(base_url):

@@ -92,7 +92,9 @@ def prepare(sources: Sequence[str], out: str | Path, tokenizer: str = "bpe", voc
         raise GptlabError(f"--vocab-size must be at least 257 for a byte-level BPE (256 bytes + <|endoftext|>), "
                           f"got {vocab_size}")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.is_file():
+        check_new_folder(out)
+    if out.exists() and any(out.iterdir()):
         what = "prepared data" if (out / "meta.json").exists() else "files"
         raise GptlabError(f"{out} already holds {what}; choose a new or empty --out (nothing was written)")
     inputs = [s for s in sources if s != "stdlib" and Path(s).exists()]

@@ -87,10 +87,12 @@ class SourceReport:
     documents: int = 0
     bytes: int = 0
     skipped: list[str] = field(default_factory=list)  # "path: reason"
+    quiet: bool = False  # a second pass over the same sources (the tokenizer's) says nothing again
 
     def skip(self, path: str, reason: str) -> None:
         self.skipped.append(f"{path}: {reason}")
-        print(f"gptlab: skipping {path}: {reason}", file=sys.stderr)
+        if not self.quiet:
+            print(f"gptlab: skipping {path}: {reason}", file=sys.stderr)
 
 
 def stdlib_root() -> Path:
@@ -153,8 +155,8 @@ def documents(files: Sequence[tuple[str, Path]], text_field: str = "text",
 
 
 def texts(files: Sequence[tuple[str, Path]], text_field: str = "text") -> Iterator[str]:
-    """The documents' text in pieces (what a tokenizer trains on)."""
-    for doc in documents(files, text_field):
+    """The documents' text in pieces (what a tokenizer trains on); what is skipped is said by the pass that encodes."""
+    for doc in documents(files, text_field, SourceReport(quiet=True)):
         yield from doc.read()
 
 

@@ -89,6 +89,10 @@ def load_examples(path: str | Path, task_token: str | None = None, skip_bad: boo
         bad.append(f"{where}: {why}")
 
     suffix = path.suffix.lower()
+    try:
+        path.read_text(encoding="utf-8")  # a file that is not UTF-8 is one line, wherever its bad byte lies
+    except UnicodeDecodeError as e:
+        raise GptlabError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     with open(path, encoding="utf-8", newline="") as f:
         if suffix == ".jsonl":
             for n, line in enumerate(f, 1):

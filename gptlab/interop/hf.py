@@ -42,6 +42,17 @@ _BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older G
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    """Our config from a Hugging Face config.json; a missing or mistyped field is one line."""
+    try:
+        return _config_from_hf(hf)
+    except KeyError as e:
+        raise GptlabError(f"the {hf.get('model_type')} config.json lacks {e.args[0]!r}, which gptlab needs") from None
+    except (TypeError, ValueError, ZeroDivisionError, AttributeError) as e:
+        raise GptlabError(f"the {hf.get('model_type')} config.json has a field of the wrong type or value ({e})"
+                          ) from None
+
+
+def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     kind = hf.get("model_type")
     if kind not in SUPPORTED:
         try:

@@ -119,8 +119,16 @@ def train(run: Run) -> dict[str, Any]:
     d = distributed.setup(cfg.device)
     if d.device.type == "cpu":
         tune_for_tensors()  # large tensors reuse freed heap memory instead of page-faulting fresh pages each step
+    threads = torch.get_num_threads()
     if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+        torch.set_num_threads(cfg.threads)  # for this run only: restored at its end
+    try:
+        return _train(run, cfg, d)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(run: Run, cfg: TrainConfig, d: distributed.Dist) -> dict[str, Any]:
     if cfg.batch_size % d.world:
         raise GptlabError(f"train.batch_size {cfg.batch_size} must be divisible by the number of processes {d.world}")
     saved = _check_out(run)
