@@ -327,3 +327,39 @@ def test_a_killed_export_leaves_nothing_half_written_and_the_rerun_succeeds(work
         if not out.exists():
             assert subprocess.run(argv, capture_output=True).returncode == 0
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(f".out{n}.")) == []
+
+
+def _typed_options() -> list[tuple[str, str]]:
+    """(verb, option) for every verb option that takes a number or a choice."""
+    from gptlab.cli import build_parser
+
+    verbs = build_parser()._subparsers._group_actions[0].choices
+    return [(verb, action.option_strings[0]) for verb, parser in verbs.items() for action in parser._actions
+            if action.option_strings and (callable(action.type) or action.choices) and "." not in action.dest]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(_typed_options()), st.one_of(st.text(max_size=6), st.sampled_from(
+    ["nan", "inf", "-inf", "-1", "0", "1e99", "99999999999999999999", "", "1.5", "-0"])))
+def test_any_value_of_any_verb_option_is_one_line(tmp_path_factory, option, value):
+    """Every verb's numeric and choice options, given anything: exit 2 with one line (the folder named does not
+    exist, so a value that is taken still stops there, and nothing runs)."""
+    import contextlib
+    import io
+
+    verb, flag = option
+    missing = str(tmp_path_factory.getbasetemp() / "no-such-folder")
+    positional = {"presets": [], "prepare": [missing], "pretrain": [], "download": [],
+                  "import": ["hf", missing, missing + "-out"], "export": ["hf", missing, missing + "-out"]}
+    argv = [verb, *positional.get(verb, [missing]), f"{flag}={value}"]
+    if verb == "pretrain":
+        argv += ["--data", missing, "--out", missing + "-out"]
+    if verb in ("download",):
+        return  # its positional is a hub name: reaching the hub is not for a test
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(argv)
+    if verb == "presets" and code == 0:
+        return
+    assert code == 2 and err.getvalue().count("\n") == 1 and err.getvalue().startswith("gptlab: error: "), \
+        (argv, err.getvalue())
