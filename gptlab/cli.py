@@ -402,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
         f"{name} (default --train.lr {cls.lr:g})" for name, cls in _methods().items()))
     p.add_argument("--data", help="JSONL / CSV (prompt, completion), Alpaca JSONL, chat JSONL (messages: rendered "
                                   "with the base's chat template, assistant turns scored), a text file, or a "
-                                  "built-in task: stdlib-summaries, gettext-fr")
+                                  "built-in task: stdlib-summaries, gettext-fr; dpo and orpo: JSONL of prompt, "
+                                  "chosen, rejected (text, or a chat prompt), or stdlib-preferences")
     p.add_argument("--val-data", help="validation file (default: --val-fraction of --data)")
     p.add_argument("--val-fraction", type=FRACTION, default=0.1)
     p.add_argument("--task-token", help='a token such as "<to-fr>" that splits a text line into prompt and completion')
@@ -410,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_section_flags(p, ("train", "lora", "qlora", "prefix", "prompt", "adapter", "llama_adapter"))
+    add_section_flags(p, ("train", "lora", "qlora", "prefix", "prompt", "adapter", "llama_adapter", "dpo", "orpo"))
 
     p = _verb(sub, "compare", cmd_compare, "run several fine-tuning methods on the same data and budget; report.md")
     p.add_argument("checkpoint", help="base checkpoint folder")

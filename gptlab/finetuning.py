@@ -16,6 +16,7 @@ from typing import Any
 from gptlab.checkpoint import check_folder
 from gptlab.config import ModelConfig
 from gptlab.data.builtin_tasks import BUILTIN, builtin_examples
+from gptlab.data.preferences import BUILTIN_PREFERENCES, PreferenceBatches, preference_data
 from gptlab.data.tasks import Example, ExampleBatches, load_examples
 from gptlab.errors import GptlabError
 from gptlab.files import check_new_folder, check_outside
@@ -44,7 +45,6 @@ def finetune(checkpoint: str | os.PathLike[str], data: str, out: str | os.PathLi
 
     `sections` holds settings by section, as the command line's flags: `{"train": {"max_steps": 200},
     "lora": {"r": 16}}`. Unset settings take the method's defaults (its learning rate: `METHODS[m].lr`)."""
-    from gptlab.chat import DEFAULT_TEMPLATE
     from gptlab.peft import METHODS
     from gptlab.train.config import SECTIONS, TrainConfig
     from gptlab.train.loop import Run, train
@@ -62,15 +62,34 @@ def finetune(checkpoint: str | os.PathLike[str], data: str, out: str | os.PathLi
     tokenizer = Tokenizer.from_folder(base)
     section = method.replace("-", "_")
     settings = SECTIONS[section](**sections.get(section, {})) if section in SECTIONS else None
-    chosen = METHODS[method](**(vars(settings) if settings else {}))
+    # a method that trains another's parameters (DPO on LoRA) takes that section's settings too, checked alike
+    borrowed = {s: vars(SECTIONS[s](**sections.get(s, {}))) for s in getattr(METHODS[method], "uses_sections", ())}
+    chosen = METHODS[method](**(vars(settings) if settings else {}), **borrowed)
     if getattr(chosen, "init_text", None):
         chosen.init_ids = tokenizer.encode(chosen.init_text, special=False)
     config = ModelConfig.from_json(str(base / "config.json"))
     chosen.check(config)  # settings that only the base's shape can judge
     block_size = config.block_size - chosen.reserved_positions  # virtual tokens take context positions
-    task_token = task_token or BUILTIN.get(data)
+    task_token = task_token or BUILTIN.get(data) or BUILTIN_PREFERENCES.get(data)
     if task_token and tokenizer.backend.token_to_id(task_token) is None:
         tokenizer.add_special_tokens([task_token])  # one token, never split; the embedding grows to match
+    if getattr(chosen, "data", None) == "preferences":
+        batches = preference_batches(data, val_data, val_fraction, tokenizer, block_size, chosen.name)
+    else:
+        batches = example_batches(data, val_data, val_fraction, task_token, skip_bad_lines, tokenizer, block_size)
+    if batches.truncated:
+        print(f"gptlab: {batches.truncated} example(s) longer than the context ({block_size}) were truncated: the "
+              "prompt loses its start first, then the completion its end", file=sys.stderr)
+    run = Run(model=config, train=TrainConfig(**sections.get("train", {})), data=batches, tokenizer=tokenizer,
+              out=out, resume=resume, method=chosen, progress=progress, base=base)
+    return train(run)
+
+
+def example_batches(data: str, val_data: str | None, val_fraction: float, task_token: str | None,
+                    skip_bad_lines: bool, tokenizer: Tokenizer, block_size: int) -> ExampleBatches:
+    """Supervised examples, split, tokenized (a conversation through the base's template, or gptlab's own)."""
+    from gptlab.chat import DEFAULT_TEMPLATE
+
     train_examples = task_examples(data, task_token, skip_bad_lines)
     if val_data:
         val_examples = load_examples(val_data, task_token, skip_bad_lines)
@@ -78,10 +97,23 @@ def finetune(checkpoint: str | os.PathLike[str], data: str, out: str | os.PathLi
         train_examples, val_examples = split_examples(train_examples, val_fraction)
     if any(e.chat for e in train_examples + val_examples) and not tokenizer.chat_template:
         tokenizer.chat_template = DEFAULT_TEMPLATE  # saved with the run, so that serving renders chats alike
-    batches = ExampleBatches({"train": train_examples, "val": val_examples}, tokenizer, block_size)
-    if batches.truncated:
-        print(f"gptlab: {batches.truncated} example(s) longer than the context ({block_size}) were truncated: the "
-              "prompt loses its start first, then the completion its end", file=sys.stderr)
-    run = Run(model=config, train=TrainConfig(**sections.get("train", {})), data=batches, tokenizer=tokenizer,
-              out=out, resume=resume, method=chosen, progress=progress, base=base)
-    return train(run)
+    return ExampleBatches({"train": train_examples, "val": val_examples}, tokenizer, block_size)
+
+
+def preference_batches(data: str, val_data: str | None, val_fraction: float, tokenizer: Tokenizer, block_size: int,
+                       method: str) -> PreferenceBatches:
+    """Preference pairs, split as examples are (a fixed shuffle), tokenized; a chat prompt needs the base's own
+    template (a preference is about how that model answers, not gptlab's stand-in format)."""
+    prefs = preference_data(data)
+    random.Random(0).shuffle(prefs)
+    if val_data:
+        train_prefs, val_prefs = prefs, preference_data(val_data)
+    else:
+        if not 0 <= val_fraction < 1:
+            raise GptlabError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+        n_val = max(1, int(len(prefs) * val_fraction)) if val_fraction > 0 and len(prefs) > 1 else 0
+        train_prefs, val_prefs = prefs[n_val:], prefs[:n_val]
+    if any(p.chat for p in train_prefs + val_prefs) and not tokenizer.chat_template:
+        raise GptlabError(f"{data} has chat prompts but the base has no chat template; --method {method} compares "
+                          "answers in the model's own chat format: fine-tune a base that has one")
+    return PreferenceBatches({"train": train_prefs, "val": val_prefs}, tokenizer, block_size)

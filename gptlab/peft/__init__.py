@@ -4,10 +4,11 @@ from gptlab.peft.adapter import Adapter, AdapterLinear
 from gptlab.peft.base import Method
 from gptlab.peft.llama_adapter import LlamaAdapter
 from gptlab.peft.lora import LoRA, LoRALinear, QLoRA
+from gptlab.peft.preference import DPO, ORPO
 from gptlab.peft.virtual import PrefixTuning, PromptTuning
 
 METHODS = {"full": Method, "lora": LoRA, "qlora": QLoRA, "prefix": PrefixTuning, "prompt": PromptTuning,
-           "adapter": Adapter, "llama-adapter": LlamaAdapter}
+           "adapter": Adapter, "llama-adapter": LlamaAdapter, "dpo": DPO, "orpo": ORPO}
 
-__all__ = ["METHODS", "Adapter", "AdapterLinear", "LlamaAdapter", "LoRA", "LoRALinear", "Method", "PrefixTuning",
-           "PromptTuning", "QLoRA"]
+__all__ = ["DPO", "METHODS", "ORPO", "Adapter", "AdapterLinear", "LlamaAdapter", "LoRA", "LoRALinear", "Method",
+           "PrefixTuning", "PromptTuning", "QLoRA"]

@@ -28,6 +28,12 @@ ADAPTER = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
+def next_token_loss(forward: nn.Module, x: torch.Tensor, y: torch.Tensor
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The mean cross-entropy of the scored targets: pretraining's and every supervised method's loss."""
+    return forward(x, y)[1], {}
+
+
 class Method:
     """Full training: every parameter trains and a checkpoint is the whole model."""
 
@@ -43,6 +49,11 @@ class Method:
 
     def check(self, config: ModelConfig) -> None:
         """Refuse settings the base's shape cannot take (before anything is loaded)."""
+
+    def loss(self, forward: nn.Module, x: torch.Tensor, y: torch.Tensor
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One micro-batch's objective and the statistics logged with it (preference methods have their own)."""
+        return next_token_loss(forward, x, y)
 
     def attach(self, model: GPT) -> None:
         """Wrap or freeze parts of `model` before training (full training changes nothing)."""

@@ -36,10 +36,11 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.scaling = alpha / r
         self.merged = False
+        self.disabled = False  # the base alone (DPO's reference): `gptlab.peft.preference.adapters_off`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # (..., out)
-        if self.merged:
+        if self.merged or self.disabled:
             return y
         return y + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
 

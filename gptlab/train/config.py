@@ -184,9 +184,38 @@ class LlamaAdapterConfig(Checked):
         at_least(self, self.section, 1, "virtual_tokens", "layers")
 
 
+@dataclass
+class ORPOConfig(Checked):
+    beta: float = 0.1  # the weight of the odds-ratio term (the paper's lambda)
+    adapter: str = "lora"  # what trains: lora (its settings: the lora section) or full
+    section = "orpo"
+
+    def check(self) -> None:
+        if not self.beta > 0:
+            raise GptlabError(f"{self.section}.beta must be > 0, got {self.beta}")
+        if self.adapter not in ("lora", "full"):
+            raise GptlabError(f"{self.section}.adapter must be lora or full, got {self.adapter!r}")
+
+
+@dataclass
+class DPOConfig(ORPOConfig):
+    beta: float = 0.1  # how far from the reference the policy may move (the KL weight)
+    loss_type: str = "sigmoid"  # sigmoid (the DPO paper), robust (Chowdhury et al.) or ipo (Azar et al.)
+    label_smoothing: float = 0.0  # the assumed share of flipped pairs (sigmoid: conservative DPO; robust)
+    section = "dpo"
+
+    def check(self) -> None:
+        super().check()
+        if self.loss_type not in ("sigmoid", "robust", "ipo"):
+            raise GptlabError(f"dpo.loss_type must be sigmoid, robust or ipo, got {self.loss_type!r}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise GptlabError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+
+
 SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "lora": LoRAConfig,
                              "qlora": QLoRAConfig, "adapter": AdapterConfig, "prefix": PrefixConfig,
-                             "prompt": PromptConfig, "llama_adapter": LlamaAdapterConfig}
+                             "prompt": PromptConfig, "llama_adapter": LlamaAdapterConfig, "dpo": DPOConfig,
+                             "orpo": ORPOConfig}
 _SKIP = {"model": {"name"}}  # fields that are not settings
 
 

@@ -27,15 +27,16 @@ from gptlab.errors import GptlabError
 from gptlab.files import check_new_folder, check_outside
 from gptlab.loss import default_chunk
 from gptlab.model import GPT
-from gptlab.peft.base import Method
+from gptlab.peft.base import Method, next_token_loss
 from gptlab.tokenizer import Tokenizer
 from gptlab.train import distributed, state
 from gptlab.train.config import TrainConfig
-from gptlab.train.metrics import Metrics, flops_per_token, peak_flops
+from gptlab.train.metrics import ACCURACY, Metrics, flops_per_token, peak_flops
 from gptlab.train.optim import build_optimizer, lr_at
 
 PRETRAIN_LR = 6e-4  # GPT-2 small's, as nanoGPT trains it
 RUN_LOGS = {"metrics.jsonl", "loss.png", "tensorboard"}  # what a run writes before its first checkpoint
+LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 class Batches(Protocol):
@@ -177,7 +178,6 @@ def _train(run: Run, cfg: TrainConfig, d: distributed.Dist) -> dict[str, Any]:
     metrics = Metrics(run.out, start if saved else None, cfg.tensorboard) if d.main else None
     n_params = model.num_params()
     peak = peak_flops(d.device)
-    rows = slice(d.rank * cfg.batch_size // d.world, (d.rank + 1) * cfg.batch_size // d.world)
     bar = tqdm(total=cfg.max_steps, initial=start, desc=run.method.name, disable=not (d.main and run.progress),
                dynamic_ncols=True, mininterval=1.0)
     last: dict[str, Any] = {"step": start, "note": f"already at step {start}; raise train.max_steps to go on"} \
@@ -210,10 +210,10 @@ def _train(run: Run, cfg: TrainConfig, d: distributed.Dist) -> dict[str, Any]:
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum, tokens = train_step(forward, wrapped, optimizer, scaler, params, cfg, d,
-                                  lambda micro, step=step: run.data.batch("train", (cfg.seed, step, micro),
-                                                                          cfg.batch_size, model_cfg.block_size),
-                                  rows)
+            loss_sum, tokens, stats = train_step(
+                forward, wrapped, optimizer, scaler, params, cfg, d,
+                lambda micro, step=step: run.data.batch("train", (cfg.seed, step, micro), cfg.batch_size,
+                                                        model_cfg.block_size), run.method.loss)
 
             done = step + 1
             tokens_seen += tokens
@@ -229,23 +229,29 @@ def _train(run: Run, cfg: TrainConfig, d: distributed.Dist) -> dict[str, Any]:
                 tps = tokens_since_log / max(now - t_last - t_paused, 1e-9)
                 t_last, t_paused, tokens_since_log = now, 0.0, 0
                 last = {"step": done, "loss": round(loss_value, 6), "lr": lr, "tokens_per_s": round(tps, 1),
-                        "elapsed_s": round(now - t_start, 2), "peak_memory_mb": round(peak_memory_mb(d.device), 1)}
+                        "elapsed_s": round(now - t_start, 2), "peak_memory_mb": round(peak_memory_mb(d.device), 1),
+                        **{k: round(distributed.mean(v, d).item(), 6) for k, v in stats.items()}}  # the method's
                 mfu = tps * flops_per_token(model_cfg, n_params) / peak if peak else None
                 if metrics:
                     metrics.log(**last, **({"mfu": round(mfu, 4)} if mfu is not None else {}))
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}",
-                                mfu=f"{mfu:.1%}" if mfu is not None else "unknown")
+                                mfu=f"{mfu:.1%}" if mfu is not None else "unknown",
+                                **({"acc": f"{last[ACCURACY]:.2f}"} if ACCURACY in last else {}))
             bar.update(1)
             t_pause = time.perf_counter()  # tokens/s counts training steps, not evaluation or saving
             if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
-                val = evaluate(forward, run.data, cfg, model_cfg, d, rows)
+                val, val_stats = evaluate(forward, run.data, cfg, model_cfg, d, run.method.loss)
+                val_stats = {f"val_{k}": round(v, 6) for k, v in val_stats.items()}
                 if metrics:
-                    metrics.log(step=done, val_loss=round(val, 6), val_ppl=round(math.exp(min(val, 50)), 3),
-                                elapsed_s=round(time.perf_counter() - t_start, 2))
+                    ppl = {} if val_stats else {"val_ppl": round(math.exp(min(val, 50)), 3)}  # of a next-token loss
+                    metrics.log(step=done, val_loss=round(val, 6), **ppl,
+                                elapsed_s=round(time.perf_counter() - t_start, 2), **val_stats)
                     metrics.plot()
                 if d.main and run.progress:
-                    bar.write(f"step {done}: val loss {val:.4f}")
-                last["val_loss"] = val
+                    bar.write(f"step {done}: val loss {val:.4f}" + (
+                        f", reward accuracy {val_stats['val_' + ACCURACY]:.3f}" if "val_" + ACCURACY in val_stats
+                        else ""))
+                last.update(val_loss=val, **val_stats)
             if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps:
                 save(done)
                 last_saved = done
@@ -280,23 +286,33 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def share(t: torch.Tensor, d: distributed.Dist) -> torch.Tensor:
+    """This process's rows of a batch (whole rows in order: a preference batch keeps its pairs)."""
+    n = t.size(0)
+    return t[d.rank * n // d.world: (d.rank + 1) * n // d.world]
+
+
 def train_step(forward: torch.nn.Module, wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, params: list[torch.nn.Parameter], cfg: TrainConfig,
                d: distributed.Dist, batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
-               rows: slice = slice(None)) -> tuple[torch.Tensor, int]:
-    """One optimizer step over `grad_accum` micro-batches; returns the summed (already averaged) loss and the number
-    of input tokens, all processes together (fine-tuning batches are only as long as their longest example)."""
+               loss_fn: LossFn = next_token_loss) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
+    """One optimizer step over `grad_accum` micro-batches; returns the summed (already averaged) loss, the number
+    of input tokens, all processes together (fine-tuning batches are only as long as their longest example), and the
+    method's statistics averaged over the micro-batches (DPO's rewards)."""
     loss_sum = torch.zeros((), device=d.device)
+    stats: dict[str, torch.Tensor] = {}
     tokens = 0
     for micro in range(cfg.grad_accum):
         x, y = batch(micro)
-        x, y = x[rows].to(d.device, non_blocking=True), y[rows].to(d.device, non_blocking=True)
+        x, y = share(x, d).to(d.device, non_blocking=True), share(y, d).to(d.device, non_blocking=True)
         sync = micro == cfg.grad_accum - 1
         with _no_sync(wrapped, d, cfg.distributed, sync), autocast(d.device, cfg.dtype):
-            _, loss = forward(x, y)
+            loss, micro_stats = loss_fn(forward, x, y)
             loss = loss / cfg.grad_accum
         scaler.scale(loss).backward()
         loss_sum += loss.detach()
+        for k, v in micro_stats.items():
+            stats[k] = stats.get(k, 0) + v.detach().float() / cfg.grad_accum
         tokens += x.numel() * d.world
     if cfg.grad_clip > 0:
         scaler.unscale_(optimizer)
@@ -304,7 +320,7 @@ def train_step(forward: torch.nn.Module, wrapped: torch.nn.Module, optimizer: to
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, tokens
+    return loss_sum, tokens, stats
 
 
 def _no_sync(wrapped: torch.nn.Module, d: distributed.Dist, strategy: str, sync: bool
@@ -322,14 +338,18 @@ def _no_sync(wrapped: torch.nn.Module, d: distributed.Dist, strategy: str, sync:
 
 @torch.no_grad()
 def evaluate(forward: torch.nn.Module, data: Batches, cfg: TrainConfig, model_cfg: ModelConfig,
-             d: distributed.Dist, rows: slice) -> float:
-    """Mean loss over `eval_steps` val batches, the same batches at every evaluation."""
+             d: distributed.Dist, loss_fn: LossFn = next_token_loss) -> tuple[float, dict[str, float]]:
+    """Mean loss (and the method's statistics) over `eval_steps` val batches, the same batches at every evaluation."""
     forward.eval()
     total = torch.zeros((), device=d.device)
+    stats: dict[str, torch.Tensor] = {}
     for i in range(cfg.eval_steps):
         x, y = data.batch("val", (cfg.seed, i), cfg.batch_size, model_cfg.block_size)
         with autocast(d.device, cfg.dtype):
-            _, loss = forward(x[rows].to(d.device), y[rows].to(d.device))
+            loss, step_stats = loss_fn(forward, share(x, d).to(d.device), share(y, d).to(d.device))
         total += loss.float()
+        for k, v in step_stats.items():
+            stats[k] = stats.get(k, 0) + v.float() / cfg.eval_steps
     forward.train()
-    return distributed.mean(total / cfg.eval_steps, d).item()
+    return (distributed.mean(total / cfg.eval_steps, d).item(),
+            {k: distributed.mean(v, d).item() for k, v in stats.items()})

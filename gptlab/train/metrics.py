@@ -52,6 +52,9 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+ACCURACY = "rewards/accuracies"
+
+
 class Metrics:
     """Appends records to metrics.jsonl and redraws loss.png; written only by the process that logs (rank 0)."""
 
@@ -91,15 +94,30 @@ class Metrics:
 
         train = [(r["step"], r["loss"]) for r in self.records if "loss" in r]
         val = [(r["step"], r["val_loss"]) for r in self.records if "val_loss" in r]
-        fig, ax = plt.subplots(figsize=(7, 4))
+        preference = any(ACCURACY in r or f"val_{ACCURACY}" in r for r in self.records)
+        fig, axes = plt.subplots(1, 2 if preference else 1, figsize=(12 if preference else 7, 4), squeeze=False)
+        ax = axes[0][0]
         if train:
             ax.plot(*zip(*train), label="train", lw=1)
         if val:
             ax.plot(*zip(*val), "o-", label="val", lw=1.5)
         ax.set_xlabel("step")
-        ax.set_ylabel("loss (nats/token)")
+        ax.set_ylabel("loss" if preference else "loss (nats/token)")
         ax.grid(alpha=0.3)
         ax.legend()
+        if preference:  # DPO/ORPO: how often the chosen completion wins, and by how much (TRL's rewards)
+            acc = axes[0][1]
+            for key, label, style in ((ACCURACY, "train accuracy", "-"), (f"val_{ACCURACY}", "val accuracy", "o-"),
+                                      ("rewards/margins", "train margin", "--"),
+                                      ("val_rewards/margins", "val margin", "s--")):
+                points = [(r["step"], r[key]) for r in self.records if key in r]
+                if points:
+                    acc.plot(*zip(*points), style, label=label, lw=1)
+            acc.axhline(0.5, color="grey", lw=0.5)
+            acc.set_xlabel("step")
+            acc.set_ylabel("reward accuracy / margin")
+            acc.grid(alpha=0.3)
+            acc.legend()
         fig.tight_layout()
         atomic_write(self.png, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
         plt.close(fig)
