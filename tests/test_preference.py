@@ -201,3 +201,39 @@ def test_losses_and_every_gradient_equal_trl(hf_pair, hf_folder, method, loss_ty
     for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"):
         if key in theirs.metrics:
             assert stats[key].item() == pytest.approx(theirs.metrics[key], abs=1e-5), key
+
+
+def test_chat_preferences_on_a_family_model_with_its_own_template(tmp_path):
+    """A Qwen2 model and tokenizer as transformers builds them: chat prompts through its ChatML template, only the
+    final answer and its end-of-turn scored, a run that generates in chat."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from gptlab.interop.hf import import_hf
+    from gptlab.tokenizer import Tokenizer
+
+    from . import hub_tokenizers
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    hub_tokenizers.qwen(hf)
+    tok = AutoTokenizer.from_pretrained(hf)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+                                 eos_token_id=tok.eos_token_id, tie_word_embeddings=True)).save_pretrained(hf)
+    import_hf(hf, tmp_path / "ckpt")
+    records = [{"prompt": [{"role": "user", "content": f"About {i}?"}],
+                "chosen": [{"role": "assistant", "content": f"{i} is fine."}], "rejected": f"no {i}"} for i in range(8)]
+    data = write_jsonl(tmp_path / "prefs.jsonl", records)
+    ours = Tokenizer.from_folder(tmp_path / "ckpt")
+    x, y = PreferenceBatches({"train": load_preferences(data)}, ours, 128).batch("train", (0, 0, 0), 1, 128)
+    picked = next(r for r in records if ours.decode(x[0].tolist()).endswith(r["chosen"][0]["content"] + "<|im_end|>"))
+    rendered = tok.apply_chat_template(picked["prompt"] + picked["chosen"], tokenize=False)
+    assert rendered.startswith(ours.decode(x[0].tolist()))  # the chosen row (the longer: no padding) is its chat
+    scored = [ours.decode(y[r][y[r] != -100].tolist()) for r in range(2)]
+    assert scored == [picked["chosen"][0]["content"] + "<|im_end|>\n", picked["rejected"] + "<|im_end|>\n"]
+    assert main(["finetune", str(tmp_path / "ckpt"), "--method", "dpo", "--data", str(data), "--out",
+                 str(tmp_path / "dpo"), "--quiet", "--train.max_steps=2", "--train.batch_size=2",
+                 "--train.eval_every=0"]) == 0
+    assert main(["generate", str(tmp_path / "dpo"), "--chat", "--prompt", "About 3?", "--max-new-tokens", "4",
+                 "--temperature", "0"]) == 0
