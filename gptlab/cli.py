@@ -411,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_section_flags(p, ("train", "lora", "qlora", "prefix", "prompt", "adapter", "llama_adapter", "dpo", "orpo"))
+    add_section_flags(p, ("train", "lora", "qlora", "prefix", "prompt", "adapter", "llama_adapter", "dpo", "orpo",
+                          "qat"))
 
     p = _verb(sub, "compare", cmd_compare, "run several fine-tuning methods on the same data and budget; report.md")
     p.add_argument("checkpoint", help="base checkpoint folder")

@@ -50,6 +50,9 @@ class Method:
     def check(self, config: ModelConfig) -> None:
         """Refuse settings the base's shape cannot take (before anything is loaded)."""
 
+    def begin_step(self, model: nn.Module, step: int) -> None:
+        """Called before each optimizer step (counted from 0), on a resumed run as on a fresh one."""
+
     def loss(self, forward: nn.Module, x: torch.Tensor, y: torch.Tensor
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One micro-batch's objective and the statistics logged with it (preference methods have their own)."""

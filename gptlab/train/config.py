@@ -212,10 +212,27 @@ class DPOConfig(ORPOConfig):
             raise GptlabError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
 
 
+@dataclass
+class QATConfig(Checked):
+    scheme: str = "int4"  # the format trained for: int4 or nf4 (per group), int8 (per row)
+    group_size: int | None = None  # weights per scale; None: the scheme's default (64; int8: one row)
+    start_step: int = 0  # fake quantization from this step on (before it, plain training)
+    adapter: str = "full"  # what trains: full, or lora (its settings: the lora section)
+    section = "qat"
+
+    def check(self) -> None:
+        if self.scheme not in ("int4", "nf4", "int8"):
+            raise GptlabError(f"qat.scheme must be int4, nf4 or int8, got {self.scheme!r}")
+        if self.adapter not in ("full", "lora"):
+            raise GptlabError(f"qat.adapter must be full or lora, got {self.adapter!r}")
+        at_least(self, self.section, 0, "start_step")
+        at_least(self, self.section, 2, "group_size")
+
+
 SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "lora": LoRAConfig,
                              "qlora": QLoRAConfig, "adapter": AdapterConfig, "prefix": PrefixConfig,
                              "prompt": PromptConfig, "llama_adapter": LlamaAdapterConfig, "dpo": DPOConfig,
-                             "orpo": ORPOConfig}
+                             "orpo": ORPOConfig, "qat": QATConfig}
 _SKIP = {"model": {"name"}}  # fields that are not settings
 
 

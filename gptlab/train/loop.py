@@ -210,6 +210,7 @@ def _train(run: Run, cfg: TrainConfig, d: distributed.Dist) -> dict[str, Any]:
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            run.method.begin_step(model, step)
             loss_sum, tokens, stats = train_step(
                 forward, wrapped, optimizer, scaler, params, cfg, d,
                 lambda micro, step=step: run.data.batch("train", (cfg.seed, step, micro), cfg.batch_size,
