@@ -16,6 +16,7 @@ from typing import Any
 from gptlab.checkpoint import check_folder
 from gptlab.config import ModelConfig
 from gptlab.data.builtin_tasks import BUILTIN, builtin_examples
+from gptlab.data.loader import ShardWindows, TokenShards
 from gptlab.data.preferences import BUILTIN_PREFERENCES, PreferenceBatches, preference_data
 from gptlab.data.tasks import Example, ExampleBatches, load_examples
 from gptlab.errors import GptlabError
@@ -73,7 +74,15 @@ def finetune(checkpoint: str | os.PathLike[str], data: str, out: str | os.PathLi
     task_token = task_token or BUILTIN.get(data) or BUILTIN_PREFERENCES.get(data)
     if task_token and tokenizer.backend.token_to_id(task_token) is None:
         tokenizer.add_special_tokens([task_token])  # one token, never split; the embedding grows to match
-    if getattr(chosen, "data", None) == "preferences":
+    batches: Any
+    if (Path(data) / "meta.json").is_file():  # a prepared token folder: continued pretraining
+        if getattr(chosen, "data", None) == "preferences":
+            raise GptlabError(f"{data} is a prepared token folder; --method {method} needs preference pairs (JSONL of "
+                              "prompt, chosen, rejected, or stdlib-preferences)")
+        shards = TokenShards(data)
+        shards.check_tokenizer(tokenizer, str(base))
+        batches = ShardWindows(shards, block_size)
+    elif getattr(chosen, "data", None) == "preferences":
         batches = preference_batches(data, val_data, val_fraction, tokenizer, block_size, chosen.name)
     else:
         batches = example_batches(data, val_data, val_fraction, task_token, skip_bad_lines, tokenizer, block_size)

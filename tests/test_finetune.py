@@ -437,3 +437,33 @@ def test_eight_bit_adamw_trains_and_resumes_exactly(capsys, hf_pair, tmp_path):
     assert any(t.dtype == torch.uint8 for t in tensors(saved["optimizer"]["state"]))
     code, err = finetune(capsys, ckpt, data, tmp_path / "c", "--method=lora", "--train.optimizer=sgd")
     assert code == 2 and "train.optimizer must be one of adamw, adamw8bit" in err
+
+
+def test_a_prepared_token_folder_is_continued_pretraining(hf_pair, tmp_path, capsys):
+    """Token shards prepared with the base's tokenizer train as pretraining does, at the run's own context (prompt
+    tuning's virtual tokens take positions); shards of another tokenizer, or for preference pairs, are one line."""
+    from gptlab.data.loader import TokenShards
+    from gptlab.data.prepare import prepare
+
+    from .conftest import TEXT
+
+    hf, ckpt = hf_pair
+    (tmp_path / "docs.txt").write_text(TEXT)
+    prepare([str(tmp_path / "docs.txt")], tmp_path / "data", tokenizer=str(ckpt), val_fraction=0.2, progress=False)
+    flags = ["--quiet", "--train.max_steps=2", "--train.batch_size=2", "--train.eval_every=2", "--train.log_every=1"]
+    assert main(["finetune", str(ckpt), "--method", "full", "--data", str(tmp_path / "data"),
+                 "--out", str(tmp_path / "full"), "--train.lr=1e-9", *flags]) == 0
+    first = json.loads((tmp_path / "full" / "metrics.jsonl").read_text().splitlines()[0])
+    x, y = TokenShards(tmp_path / "data").batch("train", (1337, 0, 0), 2, 96)  # the loop's seed, step 0, micro 0
+    with torch.no_grad():
+        want = hf(x, labels=x).loss.item()  # transformers shifts the labels itself
+    assert y.shape == (2, 96) and first["loss"] == pytest.approx(want, rel=1e-4)
+    assert main(["finetune", str(ckpt), "--method", "prompt", "--prompt.virtual_tokens=4",
+                 "--data", str(tmp_path / "data"), "--out", str(tmp_path / "prompt"), *flags]) == 0
+    capsys.readouterr()
+    prepare([str(tmp_path / "docs.txt")], tmp_path / "chars", tokenizer="char", progress=False)
+    for method, data in (("full", "chars"), ("dpo", "data")):
+        assert main(["finetune", str(ckpt), "--method", method, "--data", str(tmp_path / data),
+                     "--out", str(tmp_path / f"bad-{method}"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and ("another tokenizer" in err or "preference pairs" in err), err

@@ -5,6 +5,7 @@ forward; fake quantization starts when asked; runs resume exactly."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 from gptlab.checkpoint import load_checkpoint
 from gptlab.cli import main
 from gptlab.peft.qat import QAT, QATLinear, fake_quantize
-from gptlab.quant.formats import QuantSpec, dequantize, quantize
+from gptlab.quant.formats import QuantSpec, dequantize, quantize, unpack_nibbles
 
 LORA = {"r": 4, "alpha": 8, "targets": "c_attn,c_proj,c_fc"}
 
@@ -48,6 +49,87 @@ def test_fake_quantization_is_the_checkpoints_rounding_with_a_straight_through_g
         plain(x).square().sum().backward()
         torch.testing.assert_close(linear.weight.grad, plain.weight.grad)  # d loss / d W = d loss / d round(W)
         assert not torch.equal(rounded, linear.weight)
+
+
+def torchao_qat():
+    """torchao's QAT modules and quantization primitives (a test dependency). Its import logs that the optional CUDA
+    kernels of the wheel do not load on a CPU build; fake quantization is plain PyTorch, so that log is kept quiet."""
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    from torchao.quantization import qat, quant_primitives
+
+    return qat, quant_primitives
+
+
+def weights() -> torch.Tensor:
+    """A (64, 256) matrix with one all-zero row (a pruned unit: its groups have no scale)."""
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    w[5] = 0
+    return w
+
+
+def codes(parts: dict[str, torch.Tensor], spec: QuantSpec) -> torch.Tensor:
+    """The signed integer codes (out, in) of a stored int4 or int8 matrix."""
+    q = parts["qweight"]
+    return q if spec.scheme == "int8" else unpack_nibbles(q).to(torch.int8) - 8
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("int4", 32), QuantSpec("int4", 64), QuantSpec("int4", 128),
+                                  QuantSpec("int8")], ids=["int4-g32", "int4-g64", "int4-g128", "int8-row"])
+def test_int4_and_int8_fake_quantization_are_torchaos_symmetric_absmax_quantization(spec):
+    """Our int4 (int8) is torchao's symmetric affine quantization over the codes -7..7 (-127..127): scale
+    absmax / 7 (/ 127) in float32 per group of a row, zero point 0, round half to even, clamp. torchao's
+    `choose_qparams_affine` gives our scales bit for bit and `quantize_affine` our codes; its `IntxFakeQuantizer`,
+    given those scales, our fake-quantized weight and our straight-through gradient, to a float32 rounding (it
+    multiplies the code by absmax / 7 where we multiply absmax by the level code / 7)."""
+    qat, prim = torchao_qat()
+    w = weights()
+    levels = 7 if spec.scheme == "int4" else 127
+    g = spec.group(w.shape[1])
+    parts = quantize(w, spec)
+    scale, zero = prim.choose_qparams_affine(w, prim.MappingType.SYMMETRIC, (1, g), torch.int8, quant_min=-levels,
+                                             quant_max=levels, scale_dtype=torch.float32)
+    absmax, scale = parts["absmax"], scale.flatten()
+    assert torch.equal(scale[absmax > 0], absmax[absmax > 0] / levels) and not zero.any()
+    q = prim.quantize_affine(w, (1, g), scale, zero, torch.int8, quant_min=-levels, quant_max=levels)
+    assert torch.equal(q, codes(parts, spec))
+
+    granularity = {"group_size": g} if spec.scheme == "int4" else {"granularity": "per_channel"}
+    dtype = torch.int4 if spec.scheme == "int4" else torch.int8  # codes -8..7, -128..127: ours never reach -8, -128
+    fq = qat.IntxFakeQuantizer(qat.IntxFakeQuantizeConfig(dtype, is_dynamic=False, **granularity))
+    fq.scale, fq.zero_point = scale.view(w.shape[0], -1), zero.view(w.shape[0], -1).to(torch.int32)
+    theirs_w, ours_w = w.clone().requires_grad_(), w.clone().requires_grad_()
+    theirs, ours = fq(theirs_w), fake_quantize(ours_w, spec)
+    torch.testing.assert_close(theirs, ours, atol=1e-6, rtol=0)
+    assert not ours[5].any() and not theirs[5].any()
+    upstream = torch.randn(w.shape, generator=torch.Generator().manual_seed(1))
+    (theirs * upstream).sum().backward()
+    (ours * upstream).sum().backward()
+    assert torch.equal(ours_w.grad, upstream)  # straight through, every weight (none is clipped)
+    torch.testing.assert_close(theirs_w.grad, ours_w.grad, atol=1e-6, rtol=0)  # theirs: upstream * scale / scale
+
+
+def test_torchaos_default_int4_fake_quantizer_is_another_format():
+    """torchao's default int4 weight fake quantizer, `IntxFakeQuantizeConfig(torch.int4, group_size=g)`, is symmetric
+    over all 16 codes -8..7 with scale absmax / 7.5 (not ours: -7..7, absmax / 7): steps 7% finer, but a group whose
+    largest magnitude is positive puts it at round(7.5) = 8, clipped to 7, i.e. to 14/15 of its value, and that
+    weight gets no gradient. (torchao's Int4WeightOnlyConfig QAT is further off: asymmetric, 16 codes over
+    [min, max] with scale (max - min) / 15 and a float zero point.) This pins that reading of torchao's numbers."""
+    qat, _ = torchao_qat()
+    w = weights()
+    g = 32
+    x = w.clone().requires_grad_()
+    theirs = qat.IntxFakeQuantizer(qat.IntxFakeQuantizeConfig(torch.int4, group_size=g))(x)
+    groups = w.view(-1, g)
+    scale = (groups.abs().amax(dim=1, keepdim=True) / 7.5).clamp(min=torch.finfo(torch.float32).smallest_normal)
+    formula = (torch.round(groups * (1 / scale)).clamp(-8, 7) * scale).view(w.shape)
+    torch.testing.assert_close(theirs, formula, atol=1e-6, rtol=0)
+    ours = fake_quantize(w, QuantSpec("int4", g))
+    assert (theirs - ours).abs().max() > 0.3
+    theirs.sum().backward()
+    clipped = x.grad == 0
+    positive_max = ((groups == groups.amax(dim=1, keepdim=True)) & (groups > 0)).view(w.shape)
+    assert clipped.any() and not (clipped & ~positive_max).any()  # only a group's positive extreme, in some groups
+    torch.testing.assert_close(theirs[clipped], w[clipped] * 14 / 15, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("flags, scheme", [(["--qat.group_size", "16"], "int4"), (["--qat.scheme", "int8"], "int8"),

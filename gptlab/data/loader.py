@@ -68,3 +68,22 @@ class TokenShards:
         starts = rng.integers(0, len(data) - block_size, size=batch_size)  # (B,)
         rows = torch.from_numpy(data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))  # (B, T+1)
         return rows[:, :-1], rows[:, 1:]
+
+
+class ShardWindows:
+    """A prepared token folder as fine-tuning data (continued pretraining: QAT's recovery is measured this way).
+
+    Windows are the run's own context, which a method that reserves positions (prompt and prefix tuning) makes
+    shorter than the base's, so the loop's block size is overridden here as examples do theirs."""
+
+    truncated = 0  # windows are cut to the context by construction
+
+    def __init__(self, shards: TokenShards, block_size: int) -> None:
+        self.shards, self.block_size = shards, block_size
+
+    def check(self, block_size: int, batch_size: int, need_val: bool) -> None:
+        self.shards.check(self.block_size, batch_size, need_val)
+
+    def batch(self, split: str, key: tuple[int, ...], batch_size: int, block_size: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.shards.batch(split, key, batch_size, self.block_size)
