@@ -9,7 +9,9 @@ import torch
 from gptlab.checkpoint import load_checkpoint
 from gptlab.generate import Engine, SamplingParams
 from gptlab.interop.hf import export_hf, import_hf
+from gptlab.peft.qat import QAT
 from gptlab.tokenizer import Tokenizer
+from gptlab.train.config import LoRAConfig
 
 from .conftest import TEXT
 
@@ -157,6 +159,30 @@ def test_methods_quantization_and_the_server_work_on_the_family(tmp_path, tokeni
         model, _ = load_checkpoint(tmp_path / method)
         assert not any(isinstance(m, QuantLinear) for m in model.modules())  # QLoRA: merged into float weights
         assert Engine(model, tokenizer).complete(["The train"], 3, SamplingParams(temperature=0))[0].text is not None
+    # QAT (the full model and LoRA in turn): the run is a quantized checkpoint equal to its fake-quantized forward
+    adapter = ("full", "lora")[n % 2]
+    assert main(["finetune", str(tmp_path / "ckpt"), "--method", "qat", "--data", str(data), "--out",
+                 str(tmp_path / "qat"), "--quiet", "--train.max_steps=2", "--train.batch_size=4",
+                 "--train.eval_every=0", "--qat.group_size=32", f"--qat.adapter={adapter}"]) == 0
+    qat = QAT(group_size=32, adapter=adapter, lora=vars(LoRAConfig()))
+    trained, _ = load_checkpoint(tmp_path / "ckpt")
+    qat.attach(trained)
+    qat.restore(trained, tmp_path / "qat")
+    qat.begin_step(trained, 1)
+    idx = torch.tensor([tokenizer.encode("The train left the station")])
+    with torch.no_grad():
+        torch.testing.assert_close(load_checkpoint(tmp_path / "qat")[0](idx), trained.eval()(idx), atol=1e-5,
+                                   rtol=1e-5)
+    # a preference method (DPO on LoRA and ORPO in turn) on the family
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": f"The train {i}", "chosen": " left.", "rejected": f" {i} came"})
+                             + "\n" for i in range(8)))
+    method = ("dpo", "orpo")[n % 2]
+    assert main(["finetune", str(tmp_path / "ckpt"), "--method", method, "--data", str(prefs), "--out",
+                 str(tmp_path / method), "--quiet", "--train.max_steps=2", "--train.batch_size=2",
+                 "--train.eval_every=0", "--train.log_every=1"]) == 0, capsys.readouterr().err
+    last = json.loads((tmp_path / method / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["loss"] == last["loss"] and "rewards/margins" in last
     prompt = [tokenizer.encode("The train left")]
     for scheme in ("int8", "nf4", _SCHEMES[n % 2]):
         out = tmp_path / scheme
