@@ -241,11 +241,33 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from gptlab.compare import compare
 
     check_folder(args.checkpoint)
+    for template in (*(args.template or ()), args.autoprompt_template):
+        _check_text("--template", template)
     rows = compare(args.checkpoint, args.data, [m.strip() for m in args.methods.split(",") if m.strip()],
-                   args.steps, args.out, lr=args.lr, batch_size=args.batch_size, task_token=args.task_token)
+                   args.steps, args.out, lr=args.lr, batch_size=args.batch_size, task_token=args.task_token,
+                   templates=args.template, autoprompt_template=args.autoprompt_template)
     print((Path(args.out) / "report.md").read_text())
     print(f"table: {Path(args.out) / 'report.md'}; chart: {Path(args.out) / 'compare.png'}; runs: {args.out}/METHOD/")
     return 0 if rows else 1
+
+
+def cmd_autoprompt(args: argparse.Namespace) -> int:
+    from gptlab.autoprompt import autoprompt
+    from gptlab.train.config import AutoPromptConfig
+
+    _check_text("--template", args.template)
+    settings = AutoPromptConfig(steps=args.steps, candidates=args.candidates, batch_size=args.batch_size,
+                                seed=args.seed, val_fraction=args.val_fraction, device=args.device)
+    r = autoprompt(args.checkpoint, args.data, args.template, args.out, settings, task_token=args.task_token,
+                   progress=not args.quiet)
+    print(f"prompt: {r['prompt']}")
+    print(f"held-out loss {r['val_loss']:.4f} on {r['val_examples']} examples (the random start "
+          f"{r['start']['prompt']!r}: {r['start']['val_loss']:.4f}); {r['changes']} of {len(r['steps'])} steps "
+          f"changed a trigger, {r['ms_per_step'] / 1000:.2f} s per step")
+    if args.out:
+        print(f"written: {Path(args.out) / 'template.txt'} and {Path(args.out) / 'autoprompt.json'}; score it with "
+              f"`gptlab evaluate {args.checkpoint} --data {args.data} --template {Path(args.out) / 'template.txt'}`")
+    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -403,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="JSONL / CSV (prompt, completion), Alpaca JSONL, chat JSONL (messages: rendered "
                                   "with the base's chat template, assistant turns scored), a text file, or a "
                                   "built-in task: stdlib-summaries, gettext-fr; dpo and orpo: JSONL of prompt, "
-                                  "chosen, rejected (text, or a chat prompt), or stdlib-preferences")
+                                  "chosen, rejected (text, or a chat prompt), or stdlib-preferences; a prepared data "
+                                  "folder (gptlab prepare --tokenizer CHECKPOINT): continued pretraining")
     p.add_argument("--val-data", help="validation file (default: --val-fraction of --data)")
     p.add_argument("--val-fraction", type=FRACTION, default=0.1)
     p.add_argument("--task-token", help='a token such as "<to-fr>" that splits a text line into prompt and completion')
@@ -414,23 +437,57 @@ def build_parser() -> argparse.ArgumentParser:
     add_section_flags(p, ("train", "lora", "qlora", "prefix", "prompt", "adapter", "llama_adapter", "dpo", "orpo",
                           "qat"))
 
-    p = _verb(sub, "compare", cmd_compare, "run several fine-tuning methods on the same data and budget; report.md")
+    from gptlab.autoprompt import DEFAULT_TEMPLATE
+    from gptlab.train.config import AutoPromptConfig as AP
+
+    p = _verb(sub, "compare", cmd_compare, "run several fine-tuning methods and hard prompts on the same data and "
+                                           "budget; report.md")
     p.add_argument("checkpoint", help="base checkpoint folder")
     p.add_argument("--data", required=True, help="task data, as for finetune (or a built-in task)")
-    p.add_argument("--methods", default="full,lora,adapter")
-    p.add_argument("--steps", type=POSITIVE, default=200)
+    p.add_argument("--methods", default="full,lora,adapter", help="comma-separated: fine-tuning methods (finetune "
+                                                                  "--help), and autoprompt (a searched hard prompt)")
+    p.add_argument("--template", action="append", help="a hand-written hard template row, scored on the frozen base "
+                                                       "(a name, a text with {input}, or a template file); "
+                                                       "repeatable")
+    p.add_argument("--autoprompt-template", default=DEFAULT_TEMPLATE, help="the template autoprompt fills ([T]: a "
+                                                                           "searched token)")
+    p.add_argument("--steps", type=POSITIVE, default=200, help="training steps per method (autoprompt: search steps)")
     p.add_argument("--batch-size", type=POSITIVE, default=8)
     p.add_argument("--lr", type=_bounded(float, 0, above=True), default=None,
                    help="one learning rate for all (default: one per method)")
     p.add_argument("--task-token", default=None)
     p.add_argument("--out", required=True, help="folder for report.md, compare.png and one run per method")
 
+    p = _verb(sub, "autoprompt", cmd_autoprompt, "search discrete trigger tokens for a prompt template on a frozen "
+                                                 "model (AutoPrompt, Shin et al. 2020); writes a hard template")
+    p.add_argument("checkpoint", help="checkpoint folder (base or fine-tuned); it is not changed")
+    p.add_argument("--data", required=True, help="task data, as for finetune (or a built-in task): each example's "
+                                                 "input fills {input}, its completion is the answer scored")
+    p.add_argument("--template", default=DEFAULT_TEMPLATE,
+                   help="where the input and the searched tokens go: {input} and one [T] per trigger token, "
+                        "optionally {answer} at the end (where the completion goes; without it, the completion "
+                        f"follows as the model's continuation). Default: {DEFAULT_TEMPLATE!r}")
+    p.add_argument("--steps", type=POSITIVE, default=AP.steps, help="greedy steps: each may change one trigger")
+    p.add_argument("--candidates", type=POSITIVE, default=AP.candidates,
+                   help="tokens re-scored per step (the top of the gradient's estimate), in one batched forward")
+    p.add_argument("--batch-size", type=POSITIVE, default=AP.batch_size, help="training examples per step")
+    p.add_argument("--seed", type=_bounded(int, 0, 2**63 - 1), default=AP.seed,
+                   help="start triggers, batches and slots; the same seed gives the same prompt")
+    p.add_argument("--val-fraction", type=_bounded(float, 0, 0.999999, above=True), default=AP.val_fraction,
+                   help="held-out share, split as finetune splits it")
+    p.add_argument("--task-token", default=None, help="as for finetune: splits a text line into input and answer")
+    p.add_argument("--out", default=None, help="a new folder for template.txt (for evaluate --template) and "
+                                               "autoprompt.json (without it the prompt is only printed)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
     p = _verb(sub, "evaluate", cmd_evaluate, "perplexity on prepared shards, or task metrics under a prompt template")
     p.add_argument("checkpoint", help="checkpoint folder (base or fine-tuned)")
     p.add_argument("--data", required=True, help="a prepared data folder (perplexity), a task file or built-in task")
     p.add_argument("--split", default="val", choices=["train", "val"], help="for a data folder: train or val")
     p.add_argument("--template", default=None, help="translate-sentence, translate-pipe, translate-arrow, summarize, "
-                                                    "to-fr, plain, or your own text with {input}")
+                                                    "to-fr, plain, your own text with {input}, or a template file "
+                                                    "(such as the template.txt gptlab autoprompt writes)")
     p.add_argument("--shots", type=COUNT, default=0, help="few-shot examples placed before each query")
     p.add_argument("--lang", default="French", help="{lang} in the translation templates")
     p.add_argument("--limit", type=POSITIVE, default=100, help="examples scored")

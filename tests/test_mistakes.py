@@ -81,6 +81,10 @@ OVER_INPUTS = {
     "compare inside its input": (["compare", "{ckpt}", "--data", "{task}", "--steps", "1", "--out", "{ckpt}/c"],
                                  "inside it"),
     "an --out that is a file": (["quantize", "{ckpt}", "--scheme", "int8", "--out", "{task}"], "is a file"),
+    "autoprompt inside its input": (["autoprompt", "{ckpt}", "--data", "{task}", "--steps", "1", "--out",
+                                     "{ckpt}/ap"], "inside it"),
+    "autoprompt over a checkpoint": (["autoprompt", "{ckpt}", "--data", "{task}", "--steps", "1", "--out", "{lora}"],
+                                     "not empty"),
 }
 
 
@@ -254,6 +258,10 @@ def test_verb_options_out_of_range_are_one_line(workspace, tmp_path, capsys):
         (["quantize", c, "--report", "--max-tokens", "0"], "--max-tokens: 0 is not in [1, "),
         (["generate", c, "--seed", str(2**64)], "--seed"),
         (["generate", c, "--prompt", "caf\udce9"], "--prompt is not UTF-8 text"),  # the bytes b"caf\xe9" in argv
+        (["autoprompt", c, "--data", task, "--candidates", "0"], "--candidates: 0 is not in [1, "),
+        (["autoprompt", c, "--data", task, "--val-fraction", "1.5"], "--val-fraction: 1.5 is not in (0, "),
+        (["autoprompt", c, "--data", task, "--template", "{input} ->"], "has no trigger slot [T]"),
+        (["evaluate", c, "--data", task, "--template", "{input} [T] [T]"], "has trigger slots [T]"),
     ]:
         one_line_error(capsys, argv, message)
     assert not (tmp_path / "x").exists()

@@ -229,10 +229,35 @@ class QATConfig(Checked):
         at_least(self, self.section, 2, "group_size")
 
 
+@dataclass
+class AutoPromptConfig(Checked):
+    """Settings of `gptlab autoprompt`, the search for discrete trigger tokens (Shin et al. 2020)."""
+
+    steps: int = 50  # greedy coordinate steps: one trigger position changes (or stays) per step
+    candidates: int = 16  # tokens re-scored per step, the top of the gradient's first-order estimate
+    batch_size: int = 16  # training examples each step's gradient and candidates are scored on
+    seed: int = 0  # the start triggers, batches and positions; the same seed gives the same prompt
+    val_fraction: float = 0.1  # the held-out share, split as `gptlab finetune` splits it
+    device: str | None = None  # default: cuda if present, else cpu
+    section = "autoprompt"
+
+    def check(self) -> None:
+        at_least(self, self.section, 1, "steps", "candidates", "batch_size")
+        at_least(self, self.section, 0, "seed")
+        if not 0 < self.val_fraction < 1:
+            raise GptlabError(f"autoprompt.val_fraction must be in (0, 1): the held-out loss needs examples, got "
+                              f"{self.val_fraction}")
+        if self.device is not None:
+            from gptlab.api import resolve_device
+
+            resolve_device(self.device)
+
+
 SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "lora": LoRAConfig,
                              "qlora": QLoRAConfig, "adapter": AdapterConfig, "prefix": PrefixConfig,
                              "prompt": PromptConfig, "llama_adapter": LlamaAdapterConfig, "dpo": DPOConfig,
-                             "orpo": ORPOConfig, "qat": QATConfig}
+                             "orpo": ORPOConfig, "qat": QATConfig,
+                             "autoprompt": AutoPromptConfig}
 _SKIP = {"model": {"name"}}  # fields that are not settings
 
 
