@@ -315,13 +315,15 @@ class GPT(nn.Module):
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, pos: torch.Tensor | None = None,
-        cache: KVCache | None = None, last_only: bool = False,
+        cache: KVCache | None = None, last_only: bool = False, scored: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, vocab) for token ids `idx` (B, T); with `targets`, also the mean cross-entropy loss.
 
         `pos` (B, T) gives each token's position (default 0..T-1); `cache` is the engine's KV cache, prepared with
-        `cache.begin`; `last_only` computes logits for the last position only (B, 1, vocab), as decoding needs.
-        Targets equal to -100 are ignored in the loss.
+        `cache.begin`; `last_only` computes logits for the last position only (B, 1, vocab), as decoding needs;
+        `scored`, a (B, T) mask, only at its positions (n, vocab), in row order, as a preference loss needs (the
+        output layer is much of a small model's work, and the prompt is not scored). Targets equal to -100 are
+        ignored in the loss.
         """
         B, T = idx.shape
         x = self.transformer.wte(idx)  # (B, T, C)
@@ -347,7 +349,9 @@ class GPT(nn.Module):
         x = x[:, x.size(1) - T:]  # drop the prompt-tuning positions: logits line up with `idx`
         if last_only:
             x = x[:, -1:]
-        if targets is not None and self.loss_chunk and self.training and not last_only and \
+        elif scored is not None:
+            x = x[scored]  # (n, C)
+        if targets is not None and self.loss_chunk and self.training and x.dim() == 3 and not last_only and \
                 self.config.logit_softcap is None:
             return None, linear_cross_entropy(self.transformer.ln_f(x), self.lm_head.weight, targets, self.loss_chunk)
         logits = softcap(self.lm_head(self.transformer.ln_f(x)), self.config.logit_softcap)  # (B, T, vocab)

@@ -36,13 +36,57 @@ DPO_LOSSES = ("sigmoid", "robust", "ipo")
 ADAPTERS = ("lora", "full")
 
 
+LOGP_ROWS = 128  # positions per chunk of the log-softmax: its float32 temporaries are (rows x vocab), not (N x vocab)
+
+
+class TokenLogProbs(torch.autograd.Function):
+    """Each position's log-probability of its target, `log_softmax(logits).gather(targets)`, a chunk of positions at a
+    time. Forward keeps the logits (the output layer made them anyway) and each position's log-sum-exp; backward writes
+    `grad * (one_hot(target) - softmax)` chunk by chunk into the one (N, V) gradient. The same numbers as autograd's
+    logsumexp and gather, without their (N, V) temporaries: a float32 copy, the shifted exponentials, the softmax and
+    the zeros the gather's gradient is scattered into (with GPT-2's 50K vocabulary each is 200 MB for 1K positions)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # logits (N, V) in any float dtype, targets (N,) valid ids -> (N,) float32
+        lse = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)
+        for start in range(0, logits.size(0), LOGP_ROWS):
+            part = slice(start, start + LOGP_ROWS)
+            lse[part] = torch.logsumexp(logits[part].float(), dim=-1)
+        ctx.save_for_backward(logits, targets, lse)
+        return logits.gather(1, targets[:, None])[:, 0].float() - lse
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, targets, lse = ctx.saved_tensors
+        out = torch.empty_like(logits)  # (N, V)
+        g = grad.float()[:, None]  # (N, 1)
+        for start in range(0, logits.size(0), LOGP_ROWS):
+            part = slice(start, start + LOGP_ROWS)
+            if out.dtype == torch.float32:  # the chunk's softmax made in the gradient's own memory
+                p = torch.sub(logits[part], lse[part, None], out=out[part])  # (n, V)
+            else:  # in float32 first, as the forward's
+                p = logits[part].float() - lse[part, None]
+            p.exp_().mul_(-g[part]).scatter_add_(1, targets[part, None], g[part])
+            if p.dtype != out.dtype:
+                out[part] = p
+        return out, None
+
+
 def completion_logps(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's summed log-probability of its scored targets, and their number: (N,), (N,)."""
     scored = y != -100  # (N, T)
-    logits = logits.float()
-    picked = logits.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (N, T)
-    logp = picked - torch.logsumexp(logits, dim=-1)  # (N, T)
+    logp = TokenLogProbs.apply(logits.flatten(0, 1), y.clamp(min=0).flatten()).view(y.shape)  # (N, T)
     return (logp * scored).sum(-1), scored.sum(-1)
+
+
+def scored_logps(forward: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`completion_logps` with the output layer applied at the scored positions only (the prompt's logits are never
+    made): (N,), (N,)."""
+    scored = y != -100  # (N, T)
+    logp = TokenLogProbs.apply(forward(x, scored=scored), y[scored])  # (n,) the scored positions, row by row
+    rows = torch.arange(y.size(0), device=y.device)[:, None].expand_as(y)[scored]  # (n,) each one's row
+    return torch.zeros(y.size(0), device=y.device).index_add(0, rows, logp), scored.sum(-1)
 
 
 @contextlib.contextmanager
@@ -142,14 +186,15 @@ class DPO(PreferenceMethod):
     def reference_logps(self, forward: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.reference is None:
             with adapters_off(forward):
-                return completion_logps(forward(x), y)[0]
+                return scored_logps(forward, x, y)[0]
         self.reference.to(x.device)
-        return completion_logps(self.reference(x), y)[0]
+        return scored_logps(self.reference, x, y)[0]
 
     def loss(self, forward: nn.Module, x: torch.Tensor, y: torch.Tensor
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logps, counts = completion_logps(forward(x), y)  # (2B,): rows 2i and 2i + 1 are a pair
+        # the reference first: its forward's memory is freed before the policy's activations are kept for backward
         ref = self.reference_logps(forward, x, y)
+        logps, counts = scored_logps(forward, x, y)  # (2B,): rows 2i and 2i + 1 are a pair
         chosen, rejected = logps[0::2] - ref[0::2], logps[1::2] - ref[1::2]  # log-ratios to the reference (B,)
         delta = chosen - rejected
         if self.loss_type == "ipo":  # Azar et al. eq. 17, on per-token ratios (as TRL and the authors normalize)
