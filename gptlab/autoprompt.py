@@ -361,6 +361,9 @@ def autoprompt(checkpoint: str | Path, data: str, template: str = DEFAULT_TEMPLA
     if out is not None:
         check_new_folder(out, inputs)
     train, val = split_examples(task_examples(data, task_token), settings.val_fraction)
+    if any(ex.messages is not None for ex in train + val):
+        raise GptlabError(f"{data} holds conversations (chat messages); AutoPrompt searches a text template: give it "
+                          "text examples (prompt and completion)")
     if not val:
         raise GptlabError(f"{data} has too few examples for a held-out split ({len(train)})")
     device = resolve_device(settings.device)

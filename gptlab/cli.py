@@ -100,7 +100,22 @@ def _apply_config(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argpa
 
 
 def _checked_value(action: argparse.Action, value: Any, where: str) -> Any:
-    if callable(action.type) and not isinstance(value, (list, dict, bool)):
+    """A file's value as the flag would give it: a switch takes true or false, a repeatable option a list of texts,
+    any other a text or number (read as the flag's text would be)."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise GptlabError(f"{where}: {action.dest} must be true or false, got {value!r}")
+        return value
+    if isinstance(action, argparse._AppendAction) or action.nargs in ("*", "+"):
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in items):
+            raise GptlabError(f"{where}: {action.dest} must be a text or a list of texts, got {value!r}")
+        return [_checked_value(_Single(action), v, where) for v in items]
+    if isinstance(value, (list, dict, bool)):
+        raise GptlabError(f"{where}: {action.dest} must be a {'number' if callable(action.type) else 'text'}, got "
+                          f"{value!r}")
+    value = str(value) if not callable(action.type) else value
+    if callable(action.type):
         try:
             value = action.type(str(value))
         except (argparse.ArgumentTypeError, ValueError) as e:
@@ -109,6 +124,13 @@ def _checked_value(action: argparse.Action, value: Any, where: str) -> Any:
         raise GptlabError(f"{where}: {action.dest} must be one of {', '.join(map(str, action.choices))}, "
                           f"got {value!r}")
     return value
+
+
+class _Single(argparse.Action):
+    """One item of a repeatable option, checked as a single value of its type and choices."""
+
+    def __init__(self, action: argparse.Action) -> None:
+        super().__init__(action.option_strings, action.dest, type=action.type, choices=action.choices)
 
 
 def _check_text(flag: str, text: str | None) -> None:
@@ -277,6 +299,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from gptlab.finetuning import task_examples
     from gptlab.prompts import resolve_template
 
+    if Path(args.data).is_dir() and args.template:
+        raise GptlabError(f"{args.data} is a prepared data folder, scored by perplexity; --template is for task data")
     llm = load(args.checkpoint, device=args.device)
     if Path(args.data).is_dir():
         shards = TokenShards(args.data)
@@ -418,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_section_flags(p)
 
-    p = _verb(sub, "finetune", cmd_finetune, "fine-tune a checkpoint on task data (full, LoRA, adapters)")
+    p = _verb(sub, "finetune", cmd_finetune, "fine-tune a checkpoint: full, LoRA, QLoRA, adapters, prefix and prompt "
+                                             "tuning, DPO and ORPO, QAT")
     p.add_argument("checkpoint", help="base checkpoint folder")
     p.add_argument("--method", default="lora", help="one of: " + ", ".join(
         f"{name} (default --train.lr {cls.lr:g})" for name, cls in _methods().items()))

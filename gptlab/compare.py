@@ -30,12 +30,14 @@ PROMPTS = ("autoprompt",)  # methods that train no weight: a hard prompt found o
 
 
 def count_parameters(checkpoint: Path, method: str) -> tuple[int, int]:
+    """(trainable, total): the total is the base's (before a method quantizes it: QLoRA) and what the method adds."""
     model, _ = load_checkpoint(checkpoint)
-    total = sum(p.numel() for p in model.parameters())  # before a method quantizes the base (QLoRA)
+    base = {id(p): p.numel() for p in model.parameters()}
     m = METHODS[method]()
     m.attach(model)
-    trainable = sum(p.numel() for _, p in m.trainable(model))
-    return trainable, total + trainable * (m.name != "full")
+    trainable = m.trainable(model)
+    added = sum(p.numel() for _, p in trainable if id(p) not in base)  # adapters; none when the base itself trains
+    return sum(p.numel() for _, p in trainable), sum(base.values()) + added
 
 
 def exact_match(folder: Path, examples: list, limit: int, template: str | None = None) -> float:
@@ -60,9 +62,14 @@ def compare(checkpoint: str, data: str, methods: list[str], steps: int, out: str
     """Rows for each hand-written template (first), then each method in order; report.md and compare.png in `out`.
     `templates` are hard templates (names, texts with {input}, template files); `autoprompt` among the methods
     searches triggers for `autoprompt_template`."""
-    unknown = [m for m in methods if m not in METHODS and m not in PROMPTS]
+    supervised = [m for m in METHODS if getattr(METHODS[m], "data", None) != "preferences"]
+    unknown = [m for m in methods if m not in supervised and m not in PROMPTS]
     if unknown:
-        raise GptlabError(f"unknown method(s) {', '.join(unknown)}; methods: {', '.join([*METHODS, *PROMPTS])}")
+        preference = [m for m in unknown if m in METHODS]
+        if preference:
+            raise GptlabError(f"compare runs every method on one task's examples; {', '.join(preference)} "
+                              "train(s) on preference pairs: run it with gptlab finetune")
+        raise GptlabError(f"unknown method(s) {', '.join(unknown)}; methods: {', '.join([*supervised, *PROMPTS])}")
     templates = [resolve_template(t) for t in templates or ()]
     if "autoprompt" in methods:
         check_template(autoprompt_template)

@@ -66,6 +66,9 @@ def evaluate_task(llm: LLM, examples: Sequence[Example], template: str | None = 
                   max_new_tokens: int = 48) -> dict[str, Any]:
     """Greedy completions of `examples` (after the first `shots`, which serve as the few-shot examples) under
     `template` (None: the examples' own prompts), scored against their completions."""
+    if template and any(ex.messages is not None for ex in examples):
+        raise GptlabError("a prompt template fills text examples, and these are conversations (rendered with the "
+                          "model's chat template): leave out the template")
     if len(examples) <= shots:
         raise GptlabError(f"{len(examples)} examples cannot give {shots} shots and something to score")
     demos, tests = list(examples[:shots]), list(examples[shots: shots + limit])

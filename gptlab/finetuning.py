@@ -79,6 +79,8 @@ def finetune(checkpoint: str | os.PathLike[str], data: str, out: str | os.PathLi
         if getattr(chosen, "data", None) == "preferences":
             raise GptlabError(f"{data} is a prepared token folder; --method {method} needs preference pairs (JSONL of "
                               "prompt, chosen, rejected, or stdlib-preferences)")
+        if val_data:
+            raise GptlabError(f"{data} is a prepared token folder with its own val split; leave out --val-data")
         shards = TokenShards(data)
         shards.check_tokenizer(tokenizer, str(base))
         batches = ShardWindows(shards, block_size)
@@ -89,8 +91,13 @@ def finetune(checkpoint: str | os.PathLike[str], data: str, out: str | os.PathLi
     if batches.truncated:
         print(f"gptlab: {batches.truncated} example(s) longer than the context ({block_size}) were truncated: the "
               "prompt loses its start first, then the completion its end", file=sys.stderr)
-    run = Run(model=config, train=TrainConfig(**sections.get("train", {})), data=batches, tokenizer=tokenizer,
-              out=out, resume=resume, method=chosen, progress=progress, base=base)
+    train_cfg = TrainConfig(**sections.get("train", {}))
+    if getattr(chosen, "start_step", 0) >= train_cfg.max_steps:
+        print(f"gptlab: note: qat.start_step {chosen.start_step} is not before train.max_steps {train_cfg.max_steps}: "
+              "no step trains through the rounding, so the checkpoint is plain post-training quantization",
+              file=sys.stderr)
+    run = Run(model=config, train=train_cfg, data=batches, tokenizer=tokenizer, out=out, resume=resume, method=chosen,
+              progress=progress, base=base)
     return train(run)
 
 

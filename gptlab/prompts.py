@@ -54,15 +54,16 @@ def read_template_file(path: Path) -> str:
 def resolve_template(name_or_text: str) -> str:
     """A template by name, a template file (or a folder holding template.txt), or a template text of the user's own
     (it must contain `{input}`)."""
+    source = repr(name_or_text)
     if name_or_text not in TEMPLATES and "{input}" not in name_or_text and _exists(name_or_text):
-        template = read_template_file(Path(name_or_text))
+        template, source = read_template_file(Path(name_or_text)), f"in {name_or_text}"
     else:
         template = TEMPLATES.get(name_or_text, name_or_text)
         if "{input}" not in template:
             raise GptlabError(f"template {name_or_text!r} is neither a known name ({', '.join(TEMPLATES)}), a "
                               "template file, nor a text with {input}")
     if "[T]" in template:
-        raise GptlabError(f"template {template!r} has trigger slots [T]: find their tokens with `gptlab autoprompt "
+        raise GptlabError(f"template {source} has trigger slots [T]: find their tokens with `gptlab autoprompt "
                           "--template ... --out DIR`, then pass DIR/template.txt")
     split_answer(template)
     return template

@@ -467,3 +467,22 @@ def test_a_prepared_token_folder_is_continued_pretraining(hf_pair, tmp_path, cap
                      "--out", str(tmp_path / f"bad-{method}"), *flags]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and ("another tokenizer" in err or "preference pairs" in err), err
+
+
+def test_compare_counts_what_each_method_trains_and_refuses_preference_methods(hf_pair, tmp_path, capsys):
+    """A method that trains the base itself (full, qat) trains 100% of a model of the base's size; one that adds
+    adapters trains them on top; dpo and orpo, which need preference pairs, are refused before anything runs."""
+    from gptlab.compare import count_parameters
+
+    _, ckpt = hf_pair
+    model, _ = load_checkpoint(ckpt)
+    total = sum(p.numel() for p in model.parameters())
+    assert count_parameters(ckpt, "full") == count_parameters(ckpt, "qat") == (total, total)
+    lora, with_lora = count_parameters(ckpt, "lora")
+    assert 0 < lora < total and with_lora == total + lora
+    (tmp_path / "task.jsonl").write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    capsys.readouterr()
+    assert main(["compare", str(ckpt), "--data", str(tmp_path / "task.jsonl"), "--methods", "lora,dpo", "--steps",
+                 "1", "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "preference pairs" in err and not (tmp_path / "c").exists()

@@ -371,3 +371,53 @@ def test_any_value_of_any_verb_option_is_one_line(tmp_path_factory, option, valu
         return
     assert code == 2 and err.getvalue().count("\n") == 1 and err.getvalue().startswith("gptlab: error: "), \
         (argv, err.getvalue())
+
+
+def _file_options() -> list[tuple[str, str, bool]]:
+    """(verb, option's key in a --config file, whether it is a switch) for every verb option."""
+    import argparse
+
+    from gptlab.cli import build_parser
+
+    verbs = build_parser()._subparsers._group_actions[0].choices
+    return [(verb, action.dest, isinstance(action, argparse._StoreTrueAction)) for verb, parser in verbs.items()
+            for action in parser._actions if action.dest not in ("help", "config") and "." not in action.dest
+            and not isinstance(action, argparse._SubParsersAction)]
+
+
+@pytest.mark.parametrize("verb, key, switch", _file_options(), ids=lambda v: str(v))
+def test_a_config_files_value_of_the_wrong_kind_is_one_line(tmp_path, capsys, verb, key, switch):
+    """A --config file's value for any verb option must be what the flag would give: true or false for a switch
+    ("false" in quotes is a text, not false), a text or number otherwise (a repeatable option: a list of them)."""
+    missing = str(tmp_path / "no-such-folder")
+    positional = {"presets": [], "prepare": [missing], "pretrain": [], "download": ["a/b"],
+                  "import": ["hf", missing, missing + "-out"], "export": ["hf", missing, missing + "-out"]}
+    (tmp_path / "c.yaml").write_text(json.dumps({key: "false" if switch else {"a": 1}}))
+    one_line_error(capsys, [verb, *positional.get(verb, [missing]), "--config", str(tmp_path / "c.yaml")],
+                   "must be ")
+
+
+def test_data_of_the_wrong_kind_is_one_line(workspace, tmp_path, capsys):
+    """Data that exists but is of another kind than the verb or method takes says what it is."""
+    c, task, data = str(workspace / "ckpt"), str(workspace / "task.jsonl"), str(workspace / "data")
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "add 1"},
+                                             {"role": "assistant", "content": "= 1"}]}) + "\n")
+    (tmp_path / "folder").mkdir()
+    out = ["--out", str(tmp_path / "x")]
+    for argv, message in [
+        (["finetune", c, "--method", "dpo", "--data", "stdlib-summaries", *out], "built-in set of task examples"),
+        (["finetune", c, "--method", "full", "--data", "stdlib-preferences", *out], "built-in set of preference"),
+        (["finetune", c, "--method", "dpo", "--data", data, *out], "needs preference pairs"),
+        (["finetune", c, "--method", "orpo", "--data", "stdlib-preferences", "--val-data", data, *out],
+         "prepared token folder"),
+        (["finetune", c, "--method", "dpo", "--data", task, *out], "a file of prompt and completion is task data"),
+        (["finetune", c, "--data", data, "--val-data", task, *out], "its own val split"),
+        (["finetune", c, "--data", str(tmp_path / "folder"), *out], "is a folder"),
+        (["autoprompt", c, "--data", data], "prepared token folder"),
+        (["autoprompt", c, "--data", str(chat)], "holds conversations"),
+        (["evaluate", c, "--data", data, "--template", "{input} ="], "scored by perplexity"),
+        (["evaluate", c, "--data", str(chat), "--template", "{input} ="], "these are conversations"),
+    ]:
+        one_line_error(capsys, argv, message)
+    assert not (tmp_path / "x").exists()

@@ -132,20 +132,24 @@ def test_torchaos_default_int4_fake_quantizer_is_another_format():
     torch.testing.assert_close(theirs[clipped], w[clipped] * 14 / 15, atol=1e-6, rtol=0)
 
 
+_LORA_FLAGS = ["--qat.adapter", "lora", "--qat.group_size", "16", "--lora.r", "4", "--lora.alpha", "8"]
+
+
 @pytest.mark.parametrize("flags, scheme", [(["--qat.group_size", "16"], "int4"), (["--qat.scheme", "int8"], "int8"),
-                                           (["--qat.adapter", "lora", "--qat.group_size", "16", "--lora.r", "4",
-                                             "--lora.alpha", "8"],
-                                            "int4")],
-                         ids=["full-int4", "full-int8", "lora-int4"])  # (NF4's blocks of 64 do not divide 48)
+                                           (_LORA_FLAGS, "int4"),
+                                           ([*_LORA_FLAGS, "--lora.targets", "c_attn"], "int4")],
+                         ids=["full-int4", "full-int8", "lora-int4", "lora-some-layers"])  # (NF4's 64 do not divide 48)
 def test_the_run_is_a_quantized_checkpoint_equal_to_its_fake_quantized_forward(hf_pair, tmp_path, flags, scheme):
+    """Layers outside LoRA's targets are frozen but fake-quantized too: the checkpoint quantizes every layer."""
     _, ckpt = hf_pair
     assert run(ckpt, tmp_path / "qat", task(tmp_path), *flags) == 0
     quantized, _ = load_checkpoint(tmp_path / "qat")
     assert quantized.quantization.scheme == scheme
     model, _ = load_checkpoint(ckpt)
     lora = "lora" in flags
+    targets = flags[flags.index("--lora.targets") + 1] if "--lora.targets" in flags else LORA["targets"]
     method = QAT(scheme=scheme, group_size=16 if scheme == "int4" else None, adapter="lora" if lora else "full",
-                 lora=LORA if lora else None)
+                 lora={**LORA, "targets": targets} if lora else None)
     method.attach(model)
     method.restore(model, tmp_path / "qat")
     method.begin_step(model, 2)
@@ -182,9 +186,32 @@ def test_fake_quantization_starts_at_its_step_and_a_run_resumes_exactly(hf_pair,
     (["--qat.group_size", "7"], "group size"),
     ([], "group size 64 does not divide the width 48"),  # the default group, on a model 48 wide
     (["--qat.adapter", "prefix"], "qat.adapter must be full or lora"),
+    (["--qat.adapter", "lora", "--qat.group_size", "16", "--lora.dropout", "0.1"], "set it to 0"),
+    (["--qat.group_size", "32"], "choose a --qat.group_size that divides"),
 ])
 def test_bad_qat_settings_are_one_line(hf_pair, tmp_path, capsys, flags, message):
     capsys.readouterr()
     assert run(hf_pair[1], tmp_path / "x", task(tmp_path), *flags) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and not (tmp_path / "x").exists()
+
+
+def test_bf16_lora_qat_on_a_float_base_only_and_resumed_with_its_own_settings(hf_pair, tmp_path, capsys):
+    """A bf16 run's checkpoint serves (its frozen weights come back to float); a quantized base is refused, as is a
+    resume with other settings (another scheme, group or rank would load the run into another model)."""
+    _, ckpt = hf_pair
+    data = task(tmp_path)
+    assert run(ckpt, tmp_path / "bf16", data, *_LORA_FLAGS, "--train.dtype", "bfloat16") == 0
+    model, _ = load_checkpoint(tmp_path / "bf16")
+    assert {p.dtype for p in model.parameters()} | {b.dtype for b in model.buffers() if b.is_floating_point()} \
+        == {torch.float32}
+    assert main(["generate", str(tmp_path / "bf16"), "--prompt", "The", "--max-new-tokens", "3"]) == 0
+    capsys.readouterr()
+    assert run(tmp_path / "bf16", tmp_path / "again", data, *_LORA_FLAGS) == 2
+    assert "needs float weights" in capsys.readouterr().err and not (tmp_path / "again").exists()
+    for changed, message in [(["--qat.scheme", "int8"], "--qat.scheme \"int4\", not \"int8\""),
+                             (["--lora.r", "2"], "--lora.r 4, not 2")]:
+        flags = [*_LORA_FLAGS, *changed, "--train.dtype", "bfloat16", "--resume"]
+        assert run(ckpt, tmp_path / "bf16", data, *flags, steps=5) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gptlab.data.tasks import check_data_file
 from gptlab.errors import GptlabError
 from gptlab.tokenizer import Tokenizer
 
@@ -72,8 +73,7 @@ def _record(record: object) -> Preference | str:
 def load_preferences(path: str | Path) -> list[Preference]:
     """The good records of a JSONL file; the others are counted by kind and reported on one line."""
     path = Path(path)
-    if not path.is_file():
-        raise GptlabError(f"data file {path} does not exist")
+    check_data_file(path, "preference pairs")
     good: list[Preference] = []
     faults: Counter[str] = Counter()
     with open(path, "rb") as f:
@@ -90,12 +90,14 @@ def load_preferences(path: str | Path) -> list[Preference]:
                 faults[found] += 1
             else:
                 good.append(found)
+    kinds = ", ".join(f"{n} {why}" for why, n in faults.most_common())
+    if not good:
+        hint = "; a file of prompt and completion is task data, for the other methods" if "missing" in kinds else ""
+        raise GptlabError(f"{path} holds no usable preference records ({kinds or 'none at all'}): each needs "
+                          f"prompt, chosen and rejected, the two completions different and not empty{hint}")
     if faults:
         print(f"gptlab: skipped {sum(faults.values())} of {sum(faults.values()) + len(good)} preference records "
-              f"in {path}: " + ", ".join(f"{n} {why}" for why, n in faults.most_common()), file=sys.stderr)
-    if not good:
-        raise GptlabError(f"{path} holds no usable preference records (each needs prompt, chosen and rejected, "
-                          "the two completions different and not empty)")
+              f"in {path}: {kinds}", file=sys.stderr)
     return good
 
 

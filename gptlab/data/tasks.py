@@ -75,11 +75,27 @@ def _from_line(line: str, task_token: str | None) -> Example:
     return Example("", line)
 
 
+def check_data_file(path: Path, kind: str) -> None:
+    """One line for data that is not a file of `kind` ("task examples", "preference pairs"): say what it is instead
+    (a prepared token folder, a folder, a built-in set of the other kind) or that it does not exist."""
+    if path.is_file():
+        return
+    if path.is_dir():
+        what = "a prepared token folder (finetune takes it for continued pretraining, evaluate for perplexity)" if \
+            (path / "meta.json").is_file() else "a folder (name a file, or make token shards with gptlab prepare)"
+        raise GptlabError(f"{path} is {what}, not a file of {kind}")
+    builtin = {"stdlib-summaries": "task examples", "gettext-fr": "task examples",
+               "stdlib-preferences": "preference pairs"}.get(str(path))
+    if builtin:
+        raise GptlabError(f"{path} is a built-in set of {builtin}, not of {kind} (dpo and orpo take preference "
+                          "pairs, the other methods task examples)")
+    raise GptlabError(f"data file {path} does not exist")
+
+
 def load_examples(path: str | Path, task_token: str | None = None, skip_bad: bool = False) -> list[Example]:
     """Read a task file. A bad line stops with its number, or is skipped and reported with `skip_bad`."""
     path = Path(path)
-    if not path.is_file():
-        raise GptlabError(f"data file {path} does not exist")
+    check_data_file(path, "task examples")
     examples: list[Example] = []
     bad: list[str] = []
 

@@ -133,7 +133,7 @@ class PreferenceMethod(Method):
         self.inner: Method = LoRA(**(lora or {})) if adapter == "lora" else Method()
         self.needs_float_weights = self.inner.needs_float_weights
         self.lr = 5e-4 if adapter == "lora" else 5e-6
-        super().__init__(beta=beta, adapter=adapter, lora=lora or {}, **settings)
+        super().__init__(beta=beta, adapter=adapter, lora=(lora or {}) if adapter == "lora" else {}, **settings)
 
     lr = 5e-4  # with LoRA; 5e-6 with the full model: preferences move a tuned model a little
 

@@ -99,30 +99,36 @@ class QAT(Method):
             raise GptlabError(f"qat.adapter must be full or lora, got {adapter!r}")
         if start_step < 0:
             raise GptlabError(f"qat.start_step must be >= 0, got {start_step}")
+        if adapter == "lora" and (lora or {}).get("dropout", 0) > 0:
+            raise GptlabError("qat.adapter lora fake-quantizes the merged weight W + (alpha / r) B A, which leaves no "
+                              "place for lora.dropout: set it to 0")
         self.spec = QuantSpec(scheme, group_size)
         self.start_step, self.adapter = start_step, adapter
         self.inner: Method | None = LoRA(**(lora or {})) if adapter == "lora" else None
-        self.needs_float_weights = adapter == "full"
+        # a float base either way: the quantized checkpoint is made from the float (merged) weights
+        self.needs_float_weights = True
         self.lr = 2e-3 if adapter == "lora" else 3e-4
         super().__init__(scheme=scheme, group_size=group_size, start_step=start_step, adapter=adapter,
-                         lora=lora or {})
+                         lora=(lora or {}) if adapter == "lora" else {})
 
     def check(self, config: ModelConfig) -> None:
         with torch.device("meta"):
             model = GPT(config)
         for _, _, name, linear in _targets(model):
-            self.spec.check(name, linear.in_features)
+            try:
+                self.spec.check(name, linear.in_features)
+            except GptlabError as e:
+                raise GptlabError(str(e).replace("--group-size", "--qat.group_size")) from None
 
     def attach(self, model: GPT) -> None:
         if self.inner is not None:
             self.inner.attach(model)
-            for _, _, _, layer in _targets(model):
-                if isinstance(layer, LoRALinear):
-                    layer.__class__ = QATLoRALinear  # the same module, its forward fake-quantizing the merge
-                    layer.spec, layer.active = self.spec, False
-            return
-        for parent, attr, _, linear in _targets(model):
-            setattr(parent, attr, QATLinear.wrap(linear, self.spec))
+        for parent, attr, _, layer in _targets(model):
+            if isinstance(layer, LoRALinear):
+                layer.__class__ = QATLoRALinear  # the same module, its forward fake-quantizing the merge
+                layer.spec, layer.active = self.spec, False
+            else:  # trained (full), or frozen outside LoRA's targets: quantized in the checkpoint all the same
+                setattr(parent, attr, QATLinear.wrap(layer, self.spec))
 
     def trainable(self, model: GPT) -> list[tuple[str, nn.Parameter]]:
         return self.inner.trainable(model) if self.inner is not None else super().trainable(model)
@@ -140,7 +146,7 @@ class QAT(Method):
         master = model_state(model, weights) if self.inner is None else \
             {k: v.contiguous() for k, v in weights.items() if k in trainable}  # a tied head is stored once
         atomic_write(folder / MASTER, lambda tmp: save_file(master, tmp, metadata={"format": "pt"}))
-        float_model = copy.deepcopy(model).cpu()
+        float_model = copy.deepcopy(model).cpu().float()  # frozen weights kept in bf16 for training come back
         if self.inner is not None:
             for m in float_model.modules():
                 if isinstance(m, QATLoRALinear):

@@ -92,6 +92,24 @@ def _full_state(model: GPT, optimizer: torch.optim.Optimizer | None, d: distribu
     return weights, optim
 
 
+def plain_settings(method: Method) -> dict[str, Any]:
+    """The method's settings as plain values (what a training state may hold and a resume compares)."""
+    return json.loads(json.dumps(method.settings, default=str))
+
+
+def check_same_settings(out: Path, saved: dict[str, Any], now: dict[str, Any], section: str) -> None:
+    """A run resumes with the method settings it was trained with: another rank, scheme or beta would load its
+    weights into another model, or change its objective halfway, without a word."""
+    for key in sorted(set(saved) | set(now)):
+        old, new = saved.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            check_same_settings(out, old, new, key)
+        elif old != new:
+            flag = f"--{section.replace('-', '_')}.{key}"
+            raise GptlabError(f"{out} was trained with {flag} {json.dumps(old)}, not {json.dumps(new)}: resume it "
+                              "with the settings it was trained with")
+
+
 def _check_out(run: Run) -> dict[str, Any] | None:
     """The saved state to resume from, or None for a fresh run. A fresh run starts only in a new or empty folder, a
     resumed one only in a folder that holds a run; neither inside a folder it reads."""
@@ -106,6 +124,8 @@ def _check_out(run: Run) -> dict[str, Any] | None:
             raise GptlabError(f"the data's tokenizer does not match the one in {out}; resume with the same data")
         if saved.get("method", run.method.name) != run.method.name:
             raise GptlabError(f"{out} holds a {saved['method']} run; resume it with --method {saved['method']}")
+        if "method_settings" in saved:
+            check_same_settings(out, saved["method_settings"], plain_settings(run.method), run.method.name)
         return saved
     if (out / state.TRAIN_STATE).exists() or (out / state.STAGING).exists():
         raise GptlabError(f"{out} already holds a training run; pass --resume to continue it, or choose a new --out")
@@ -192,7 +212,8 @@ def _train(run: Run, cfg: TrainConfig, d: distributed.Dist) -> dict[str, Any]:
             rng = {"cpu": torch.get_rng_state(),
                    "cuda": torch.cuda.get_rng_state(d.device) if d.device.type == "cuda" else None}
             train_state = {"step": step, "optimizer": optim, "rng": rng, "tokens_seen": tokens_seen,
-                           "train_config": asdict(cfg), "method": run.method.name}
+                           "train_config": asdict(cfg), "method": run.method.name,
+                           "method_settings": plain_settings(run.method)}
 
             def write(folder: Path) -> None:
                 run.method.save(folder, model, weights, run.tokenizer, run.base)
