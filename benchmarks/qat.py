@@ -1,6 +1,7 @@
 """PTQ vs QAT: the share of post-training quantization's perplexity cost that quantization-aware training wins back.
 
-    python benchmarks/qat.py BASE DATA [--steps 300] [--scheme int4] [--group-size 64] [--lr 1e-4] [--adapter full]
+    python benchmarks/qat.py BASE DATA [--steps 300] [--scheme int4] [--group-size 64] [--lr 1e-4] [--min-lr LR]
+                             [--adapter full]
 
 BASE is a pretrained checkpoint and DATA the prepared folder it was trained on (`make demo` leaves both in out/demo);
 perplexity is over DATA's val split. From BASE, with the same data, batches, learning rate and step budget:
@@ -46,13 +47,16 @@ def main() -> None:
     parser.add_argument("--scheme", default="int4", choices=["int4", "nf4", "int8"])
     parser.add_argument("--group-size", type=int, default=None, help="weights per scale (default: the scheme's)")
     parser.add_argument("--lr", type=float, default=1e-4, help="the same for plain training and QAT")
+    parser.add_argument("--min-lr", type=float, default=None, help="cosine decay to this by the last step "
+                                                                   "(default: --lr, a constant rate)")
     parser.add_argument("--batch-size", type=int, default=12)
     parser.add_argument("--adapter", default="full", choices=["full", "lora"], help="what trains in both runs")
     parser.add_argument("--max-tokens", type=int, default=100_000, help="val tokens scored per model")
     args = parser.parse_args()
     shards = TokenShards(args.data)
     spec = QuantSpec(args.scheme, args.group_size)
-    train = {"max_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "min_lr": args.lr,
+    train = {"max_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+             "min_lr": args.lr if args.min_lr is None else args.min_lr,
              "warmup_steps": max(1, args.steps // 20), "eval_every": 0, "save_every": args.steps,
              "log_every": max(1, args.steps // 10)}
 
@@ -83,7 +87,8 @@ def main() -> None:
     recovered = (ptq - qat) / (ptq - float_ppl) if ptq != float_ppl else float("nan")
     group = spec.group_size or ("one row" if args.scheme == "int8" else 64)
     print(f"# {args.base} on {args.data} (val split, {args.max_tokens:,} tokens at most); {args.scheme}, group "
-          f"{group}; {args.steps} steps of {args.adapter} training at lr {args.lr:g}, batch {args.batch_size}")
+          f"{group}; {args.steps} steps of {args.adapter} training at lr {args.lr:g}"
+          f"{'' if args.min_lr is None else f' decaying to {args.min_lr:g}'}, batch {args.batch_size}")
     print(f"# {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
     print("| model | val perplexity |\n|---|---:|")
     for name, value in rows.items():
