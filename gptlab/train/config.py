@@ -23,7 +23,7 @@ OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1000
+    max_steps: int = 1000  # optimizer steps in all (a resumed run goes on to this)
     batch_size: int = 12  # sequences per micro-batch, summed over all processes
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float | None = None  # None: 6e-4 for pretraining, the method's own for fine-tuning (gptlab finetune --help)
@@ -31,7 +31,7 @@ class TrainConfig:
     warmup_steps: int | None = None  # None: a tenth of max_steps, at most 100
     lr_decay_steps: int | None = None  # where the cosine reaches min_lr; None means max_steps
     weight_decay: float = 0.1
-    beta1: float = 0.9
+    beta1: float = 0.9  # AdamW's first-moment decay
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
     optimizer: str = "adamw"  # adamw (PyTorch), or bitsandbytes' adamw8bit, paged_adamw, paged_adamw8bit
@@ -39,7 +39,7 @@ class TrainConfig:
     eval_every: int = 100  # 0 disables evaluation
     eval_steps: int = 20
     save_every: int = 100  # checkpoints also at the end
-    seed: int = 1337
+    seed: int = 1337  # initialization and batches: the same seed, the same run
     dtype: str = "float32"  # autocast dtype: float32 (off), bfloat16 or float16
     compile: bool = False
     activation_checkpointing: bool = False
@@ -112,9 +112,9 @@ class Checked:
 
 @dataclass
 class LoRAConfig(Checked):
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    r: int = 8  # the rank of each update B A
+    alpha: float = 16.0  # the update is scaled by alpha / r
+    dropout: float = 0.0  # dropout on the adapter's input
     targets: str = "c_attn,c_proj,c_fc"  # module names (or name endings), comma-separated
     section = "lora"
 
@@ -274,9 +274,29 @@ def add_section_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...]
                             help="a preset from `gptlab presets`")
     for section in sections:
         group = parser.add_argument_group(f"{section} settings")
+        notes = _field_comments(SECTIONS[section])
+        defaults = {f.name: f.default for f in dataclasses.fields(SECTIONS[section])}
         for name, kind in _fields(section).items():
+            default = defaults.get(name, dataclasses.MISSING)
+            shown = "" if default is dataclasses.MISSING else f" (default {default})"
             group.add_argument(f"--{section}.{name}", dest=f"{section}.{name}", default=argparse.SUPPRESS,
-                               metavar=_type_name(kind))
+                               metavar=_type_name(kind),
+                               help=(notes.get(name, "") + shown).strip().replace("%", "%%") or None)
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """Each field's one-line comment in the class's source: the flag's help, written once beside the field."""
+    import inspect
+    import re
+
+    notes: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):  # a subclass's own win
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):  # no source (a frozen build): flags without help
+            continue
+        notes.update(re.findall(r"^    (\w+): [^=\n]+=[^#\n]*#\s*(.+)$", source, flags=re.M))
+    return notes
 
 
 def _type_name(kind: Any) -> str:
