@@ -278,6 +278,7 @@ def _train(run: Run, cfg: TrainConfig, d: distributed.Dist) -> dict[str, Any]:
                 save(done)
                 last_saved = done
             t_paused += time.perf_counter() - t_pause
+        distributed.barrier(d)  # the main process's last save is done before any process tears the group down
     finally:
         bar.close()
         if metrics:
