@@ -107,30 +107,23 @@ def _checked_value(action: argparse.Action, value: Any, where: str) -> Any:
             raise GptlabError(f"{where}: {action.dest} must be true or false, got {value!r}")
         return value
     if isinstance(action, argparse._AppendAction) or action.nargs in ("*", "+"):
-        items = value if isinstance(value, list) else [value]
-        if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in items):
-            raise GptlabError(f"{where}: {action.dest} must be a text or a list of texts, got {value!r}")
-        return [_checked_value(_Single(action), v, where) for v in items]
-    if isinstance(value, (list, dict, bool)):
+        return [_checked_item(action, v, where) for v in (value if isinstance(value, list) else [value])]
+    return _checked_item(action, value, where)
+
+
+def _checked_item(action: argparse.Action, value: Any, where: str) -> Any:
+    """One value, through the flag's own type and choices."""
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
         raise GptlabError(f"{where}: {action.dest} must be a {'number' if callable(action.type) else 'text'}, got "
                           f"{value!r}")
-    value = str(value) if not callable(action.type) else value
-    if callable(action.type):
-        try:
-            value = action.type(str(value))
-        except (argparse.ArgumentTypeError, ValueError) as e:
-            raise GptlabError(f"{where}: {action.dest}: {e}") from None
+    try:
+        value = action.type(str(value)) if callable(action.type) else str(value)
+    except (argparse.ArgumentTypeError, ValueError) as e:
+        raise GptlabError(f"{where}: {action.dest}: {e}") from None
     if action.choices is not None and value not in action.choices:
         raise GptlabError(f"{where}: {action.dest} must be one of {', '.join(map(str, action.choices))}, "
                           f"got {value!r}")
     return value
-
-
-class _Single(argparse.Action):
-    """One item of a repeatable option, checked as a single value of its type and choices."""
-
-    def __init__(self, action: argparse.Action) -> None:
-        super().__init__(action.option_strings, action.dest, type=action.type, choices=action.choices)
 
 
 def _check_text(flag: str, text: str | None) -> None:

@@ -84,8 +84,11 @@ def check_data_file(path: Path, kind: str) -> None:
         what = "a prepared token folder (finetune takes it for continued pretraining, evaluate for perplexity)" if \
             (path / "meta.json").is_file() else "a folder (name a file, or make token shards with gptlab prepare)"
         raise GptlabError(f"{path} is {what}, not a file of {kind}")
-    builtin = {"stdlib-summaries": "task examples", "gettext-fr": "task examples",
-               "stdlib-preferences": "preference pairs"}.get(str(path))
+    from gptlab.data.builtin_tasks import BUILTIN  # (they import this module)
+    from gptlab.data.preferences import BUILTIN_PREFERENCES
+
+    builtin = "task examples" if str(path) in BUILTIN else "preference pairs" if str(path) in BUILTIN_PREFERENCES \
+        else None
     if builtin:
         raise GptlabError(f"{path} is a built-in set of {builtin}, not of {kind} (dpo and orpo take preference "
                           "pairs, the other methods task examples)")
