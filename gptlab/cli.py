@@ -18,6 +18,7 @@ import yaml
 
 from gptlab.data.sources import DEFAULT_EXTENSIONS
 from gptlab.errors import GptlabError
+from gptlab.interop.gguf import DTYPES, check_dtype
 from gptlab.quant.formats import SCHEMES
 from gptlab.train.config import add_section_flags
 
@@ -27,6 +28,14 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise GptlabError(f"{message} (see {self.prog} --help)")
+
+
+def _gguf_dtype(text: str) -> str:
+    """An argparse type: a weight type GGUF export writes; anything else (a K-quant with why) is one line."""
+    try:
+        return check_dtype(text)
+    except GptlabError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _bounded(kind: type, low: float, high: float | None = None, above: bool = False) -> Callable[[str], Any]:
@@ -536,7 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _verb(sub, "quantize", cmd_quantize, "quantize a checkpoint's Linear weights (int8, int4, nf4, fp4), or "
                                              "report size, perplexity and speed for every scheme")
     p.add_argument("checkpoint", help="a float checkpoint folder")
-    p.add_argument("--scheme", choices=SCHEMES, help="int8 (per row), int4, nf4 or fp4 (groups of 64)")
+    p.add_argument("--scheme", choices=SCHEMES, help="int8 (per row), int4, nf4 or fp4 (groups of 64); int4 with "
+                                                     "groups of 32, 64, ... exports to GGUF q4_0 code for code")
     p.add_argument("--group-size", type=POSITIVE, help="weights per scale along the input (default: 64 for 4-bit, one "
                                                   "row for int8); must divide every layer's width")
     p.add_argument("--double-quant", action="store_true", help="quantize the 4-bit scales too (QLoRA)")
@@ -579,8 +589,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("format", choices=["hf", "peft", "gguf"], help="target format")
     p.add_argument("checkpoint", help="checkpoint folder (peft: a LoRA run)")
     p.add_argument("out", help="new output folder (hf, peft) or file (gguf, e.g. model.gguf)")
-    p.add_argument("--dtype", default="f16", choices=["f32", "f16", "q8_0"], help="gguf: weight type (vectors stay "
-                                                                                   "f32)")
+    p.add_argument("--dtype", default="f16", type=_gguf_dtype, metavar="{" + ",".join(DTYPES) + "}",
+                   help="gguf: weight type, per tensor as llama.cpp's own tools choose (vectors stay f32, rows that "
+                        "are not whole blocks of 32 f16; q4_0 keeps the head q8_0). A quantized checkpoint is "
+                        "dequantized and quantized again, but int4 with groups of 32, 64, ... goes to q4_0 code for "
+                        "code (only its scales round to f16). q4_k and q5_k: the gguf package cannot write them")
     return parser
 
 

@@ -19,6 +19,22 @@ apply, LongRoPE's long factors, which llama.cpp picks by its context size) the f
 
 The tokenizer goes in the file too: a byte-level BPE as llama.cpp's `gpt2` vocabulary (tokens, types, merges), a
 character tokenizer (single characters plus `<0xXX>` byte fallback) as its SentencePiece-style `llama` vocabulary.
+
+Weight types (`--dtype`), each tensor's chosen as llama.cpp's converter (f32, f16, q8_0) and its `llama-quantize`
+(q4_0) choose it, so that the file is the one llama.cpp's own tools would make:
+
+- vectors (norms, biases, rope factors) stay f32 whatever the dtype; a matrix whose rows are not whole blocks of 32
+  values (Q8_0's and Q4_0's block) is written f16, with a note naming it, as `llama-quantize` falls back.
+- q4_0 keeps the position table f32 and the output head Q8_0 (the token embedding, where it is the head): the head
+  is where 4 bits cost the most, and `llama-quantize` gives it Q6_K, which the gguf package cannot write (it
+  quantizes Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0, and only reads K-quants: q4_k and q5_k are refused). An untied token
+  embedding is Q4_0, as `llama-quantize` makes it.
+- A quantized checkpoint is dequantized and quantized again, except gptlab's int4 with groups that are whole Q4_0
+  blocks (32, 64, ...) to q4_0: Q4_0's value (q - 8) * d is int4's code * absmax / 7, so each block takes the
+  int4 codes as they are and its group's absmax / 7 as its scale. Only that scale is not bit-exact: Q4_0 stores
+  it in f16, so each weight moves by at most 2^-11 of its group's absmax (for an absmax over 4e-4, f16's normal
+  range; below, by at most 7 subnormal steps of 6e-8). Other group sizes, nf4 and fp4 are quantized again (a
+  second rounding, said in a note).
 """
 
 from __future__ import annotations
@@ -37,10 +53,15 @@ from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
 from gptlab.files import atomic_write, check_outside
 from gptlab.model import build_on_meta
+from gptlab.quant.formats import DEFAULT_GROUP, INT4_LEVELS, QuantSpec
 from gptlab.rope import Frequencies
 from gptlab.tokenizer import Tokenizer
 
-DTYPES = ("f32", "f16", "q8_0")
+DTYPES = ("f32", "f16", "q8_0", "q4_0")
+K_QUANTS = ("q4_k", "q5_k")  # llama.cpp's K-quants: the gguf package reads them but has no quantizer for them
+FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
+BLOCK = 32  # values per Q8_0 and Q4_0 block: a row must be whole blocks
+LEVELS = np.array(INT4_LEVELS, dtype=np.float32)  # int4's levels by code + 8, in float32 as its dequantize has them
 ARCHS = {  # transformers family -> llama.cpp architecture
     "llama": "llama", "mistral": "llama", "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3",
     "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "olmo2": "olmo2", "smollm3": "smollm3",
@@ -378,11 +399,22 @@ def gguf_name(name: str, tokenizer: Tokenizer) -> str:
     return name
 
 
-def export_gguf(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str], dtype: str = "f16") -> Path:
-    """Write `out` (.gguf) from a checkpoint folder (full, LoRA-merged or quantized, which is dequantized first)."""
-    gguf = _gguf()
+def check_dtype(dtype: str) -> str:
+    """`dtype` if GGUF export writes it; else one line saying what it writes (and, for a K-quant, why not)."""
+    if dtype in K_QUANTS:
+        raise GptlabError(f"GGUF export cannot write {dtype}: the gguf package quantizes Q4_0, Q4_1, Q5_0, Q5_1 and "
+                          "Q8_0 but only reads K-quants; use --dtype q4_0, or export f16 and quantize the file with "
+                          "llama.cpp's llama-quantize")
     if dtype not in DTYPES:
         raise GptlabError(f"unknown GGUF dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return dtype
+
+
+def export_gguf(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str], dtype: str = "f16") -> Path:
+    """Write `out` (.gguf) from a checkpoint folder (full, LoRA-merged or quantized, which is dequantized first: int4
+    to q4_0 keeps its codes where its groups are whole Q4_0 blocks, everything else is quantized again)."""
+    gguf = _gguf()
+    check_dtype(dtype)
     out = Path(out)
     if out.exists():
         raise GptlabError(f"{out} already exists; choose a new file name (nothing was written)")
@@ -390,32 +422,31 @@ def export_gguf(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str],
     model, tokenizer = load_checkpoint(checkpoint)
     cfg = model.config
     arch = architecture(cfg)
+    group = int4_group(model.quantization) if dtype == "q4_0" else None
+    messages = notes(cfg, arch) + requantize_notes(model.quantization, dtype)
     if model.quantization is not None:
         from gptlab.quant.layers import dequantize_model
 
-        dequantize_model(model)
-    for note in notes(cfg, arch):
-        print(f"gptlab: note: {note}", file=sys.stderr)
+        dequantize_model(model.float())  # float32: int4's codes come back exactly from its dequantized weights
     state = model_state(model)
     extra = set(state) - set(model_state(build_on_meta(cfg)))
     if extra:
         raise GptlabError(f"{checkpoint} has parts llama.cpp's {arch} does not ({sorted(extra)[0]}); GGUF export "
                           "takes full, LoRA-merged and quantized checkpoints")
     tensors = gguf_tensors(state, cfg, arch)
-    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-             "q8_0": gguf.GGMLQuantizationType.Q8_0}[dtype]
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+    kinds = tensor_kinds(tensors, dtype)
+    for note in messages + fallback_notes(tensors, kinds, dtype):
+        print(f"gptlab: note: {note}", file=sys.stderr)
 
     def write(tmp: str) -> None:
         writer = gguf.GGUFWriter(tmp, arch)
         writer.add_name(gguf_name(cfg.name or Path(checkpoint).name, tokenizer))
         add_hparams(writer, cfg, arch)
-        writer.add_file_type(file_type)
+        writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[dtype]))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_tokenizer(writer, tokenizer, cfg.vocab_size)
         for name, t in tensors.items():
-            data, stored = encode(t.numpy(), qtype, gguf)
+            data, stored = encode(t.numpy(), kinds[name], gguf, group)
             writer.add_tensor(name, data, raw_dtype=stored)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -427,12 +458,83 @@ def export_gguf(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str],
     return out
 
 
-def encode(data: np.ndarray, qtype, gguf) -> tuple[np.ndarray, object]:
-    """Vectors stay float32, as llama.cpp's converter keeps them; matrices take `qtype`, where a row of Q8_0 blocks
-    (32 values) does not fit, F16."""
-    F = gguf.GGMLQuantizationType
-    if data.ndim == 1 or qtype == F.F32:
-        return data.astype(np.float32), F.F32
-    if qtype == F.Q8_0 and data.shape[-1] % 32 == 0:
-        return gguf.quants.quantize(data.astype(np.float32), F.Q8_0), F.Q8_0
-    return data.astype(np.float16), F.F16
+def int4_group(spec: QuantSpec | None) -> int | None:
+    """The group size of an int4 checkpoint whose groups are whole Q4_0 blocks (its codes go over as they are),
+    else None."""
+    if spec is None or spec.scheme != "int4":
+        return None
+    group = spec.group_size or DEFAULT_GROUP["int4"]
+    return group if group % BLOCK == 0 else None
+
+
+def requantize_notes(spec: QuantSpec | None, dtype: str) -> list[str]:
+    """A note where a 4-bit checkpoint's codes are rounded again to make Q4_0's."""
+    if spec is None or dtype != "q4_0" or int4_group(spec) or spec.bits != 4:
+        return []
+    if spec.scheme == "int4":
+        why = f"int4 groups of {spec.group_size} are not whole Q4_0 blocks of {BLOCK}"
+    else:
+        why = f"{spec.scheme}'s levels are not Q4_0's evenly spaced ones"
+    return [f"{why}: the weights are dequantized and quantized again to Q4_0 (a second rounding)"]
+
+
+def tensor_kinds(tensors: dict[str, torch.Tensor], dtype: str) -> dict[str, str]:
+    """Each tensor's GGUF type for `dtype`, where it is the head: llama.cpp ties the head to the embedding when the
+    file has no output.weight."""
+    head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
+    return {name: tensor_kind(name, tuple(t.shape), dtype, name == head) for name, t in tensors.items()}
+
+
+def tensor_kind(name: str, shape: tuple[int, ...], dtype: str, head: bool) -> str:
+    """The type llama.cpp's converter (f32, f16, q8_0) or `llama-quantize` (q4_0) gives this tensor: vectors f32;
+    for q4_0 the position table f32 and the head Q8_0 (Q6_K there, which the gguf package cannot write); rows that
+    are not whole blocks f16."""
+    if len(shape) == 1 or dtype == "f32" or (dtype == "q4_0" and name == "position_embd.weight"):
+        return "f32"
+    kind = "q8_0" if dtype == "q4_0" and head else dtype
+    if kind in ("q8_0", "q4_0") and shape[-1] % BLOCK:
+        return "f16"
+    return kind
+
+
+def fallback_notes(tensors: dict[str, torch.Tensor], kinds: dict[str, str], dtype: str) -> list[str]:
+    """One note naming the matrices written f16 because their rows are not whole blocks of `dtype`."""
+    narrow = [f"{n} (rows of {t.shape[-1]})" for n, t in tensors.items()
+              if dtype in ("q8_0", "q4_0") and t.dim() > 1 and kinds[n] == "f16"]
+    if not narrow:
+        return []
+    return [f"{len(narrow)} matrices have rows that are not whole {dtype.upper()} blocks of {BLOCK} and are written "
+            f"f16, as llama.cpp's llama-quantize falls back: {', '.join(narrow)}"]
+
+
+def encode(data: np.ndarray, kind: str, gguf, group: int | None = None) -> tuple[np.ndarray, object]:
+    """`data` in GGUF type `kind` (a name from `tensor_kind`); for q4_0 with an int4 `group`, int4's own codes where
+    `data` is exactly an int4 matrix of that group size (gptlab's int4 Linear weights; not the float head)."""
+    qtype = getattr(gguf.GGMLQuantizationType, kind.upper())
+    if kind == "q4_0" and group:
+        blocks = int4_as_q4_0(data, group)
+        if blocks is not None:
+            return blocks, qtype
+    return gguf.quants.quantize(data.astype(np.float32), qtype), qtype
+
+
+def int4_as_q4_0(w: np.ndarray, group: int) -> np.ndarray | None:
+    """Q4_0 bytes (rows, row_bytes) holding the int4 codes of `w`, the float32 dequantized form of an int4 matrix
+    whose groups of `group` (a multiple of 32) run along its rows; None where `w` is not exactly that.
+
+    Each group's absmax is its largest magnitude (code 7 is level 1.0), its codes w / absmax * 7. Every block of 32
+    in the group takes scale absmax / 7 (Q4_0's f16) and nibbles code + 8, so Q4_0's (q - 8) * d is the code again.
+    """
+    if w.ndim != 2 or group % BLOCK or w.shape[-1] % group:
+        return None
+    groups = w.reshape(-1, group)  # (groups, g)
+    absmax = np.abs(groups).max(axis=1, keepdims=True)  # (groups, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        codes = np.where(absmax > 0, np.rint(groups / absmax * 7), 0).astype(np.int64)  # (groups, g) in -7..7
+    if not np.array_equal(LEVELS[codes + 8] * absmax, groups):  # not int4's dequantize of these codes and scales
+        return None
+    halves = (codes + 8).astype(np.uint8).reshape(-1, 2, BLOCK // 2)  # (blocks, 2, 16): each block's two halves
+    nibbles = halves[:, 0] | (halves[:, 1] << 4)  # (blocks, 16): Q4_0 keeps x[j] low, x[j + 16] high
+    scale = np.repeat(absmax[:, 0] / 7, group // BLOCK).astype(np.float16)  # (blocks,)
+    blocks = np.concatenate([scale.view(np.uint8).reshape(-1, 2), nibbles], axis=1)  # (blocks, 18)
+    return blocks.reshape(w.shape[0], -1)
