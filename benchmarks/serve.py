@@ -1,7 +1,9 @@
-"""Server throughput: requests per second and time to first token at 1, 8 and 32 concurrent streaming clients,
-with the official `openai` client against `gptlab serve`'s app on 127.0.0.1 (CPU).
+"""Server throughput under continuous batching: requests/s, tokens/s and time to first token (median, p90) at
+1, 8, 16, 32 and 64 concurrent streaming clients, with the official `openai` client against `gptlab serve`'s app
+on 127.0.0.1 (CPU). Each level runs at least twice as many requests as clients, each client sending its next one as
+soon as the last ends.
 
-    python benchmarks/serve.py [--clients 1,8,32] [--requests 32] [--max-tokens 32] [--max-concurrency 1]
+    python benchmarks/serve.py [--clients 1,8,16,32,64] [--requests 32] [--max-tokens 32] [--max-concurrency 32]
 """
 
 from __future__ import annotations
@@ -26,16 +28,18 @@ from gptlab.tokenizer import Tokenizer
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", default="1,8,32")
-    parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    parser.add_argument("--clients", default="1,8,16,32,64")
+    parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level (at least 2 per "
+                                                                 "client)")
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--max-concurrency", type=int, default=1, help="the server's generating slots")
+    parser.add_argument("--max-concurrency", type=int, default=32, help="the server's cache slots (rows decoded "
+                                                                        "together)")
     args = parser.parse_args()
 
     import openai
     import uvicorn
 
-    texts = list(documents([("text", p) for p in stdlib_files()[:40]]))
+    texts = ["".join(d.read()) for d in documents([("text", p) for p in stdlib_files()[:40]])]
     tok = Tokenizer.train_bpe(texts, vocab_size=2048)
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=4, n_head=4, n_embd=256, block_size=256, vocab_size=tok.vocab_size)
@@ -50,30 +54,38 @@ def main() -> None:
         time.sleep(0.05)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
 
-    def one(i: int) -> tuple[float, float]:
+    def one(i: int) -> tuple[float, int]:
+        """(time to first token, tokens generated) of one streamed request."""
         t0 = time.perf_counter()
-        first = None
+        first, tokens = None, 0
         for chunk in client.completions.create(model="bench", prompt=f"def function_{i}(", max_tokens=args.max_tokens,
-                                               temperature=0.8, seed=i, stream=True):
+                                               temperature=0.8, seed=i, stream=True,
+                                               stream_options={"include_usage": True}):
             if first is None and chunk.choices and chunk.choices[0].text:
                 first = time.perf_counter() - t0
-        return first if first is not None else time.perf_counter() - t0, time.perf_counter() - t0
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+        return first if first is not None else time.perf_counter() - t0, tokens
 
     one(0)  # warm-up
     print(f"# model: {cfg.n_layer} layers x {cfg.n_embd}, prepacked weights; "
           f"{args.max_tokens} new tokens per request; server slots {args.max_concurrency}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| concurrent clients | requests/s | tokens/s | TTFT median (s) | TTFT p90 (s) |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| concurrent clients | requests/s | x 1 client | tokens/s | TTFT median (s) | TTFT p90 (s) |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    single = None
     for n in map(int, args.clients.split(",")):
+        requests = max(args.requests, 2 * n)
         t0 = time.perf_counter()
         with ThreadPoolExecutor(n) as pool:
-            results = list(pool.map(one, range(args.requests)))
+            results = list(pool.map(one, range(requests)))
         wall = time.perf_counter() - t0
         ttft = sorted(r[0] for r in results)
         p90 = ttft[min(len(ttft) - 1, int(0.9 * len(ttft)))]
-        print(f"| {n} | {args.requests / wall:.2f} | {args.requests * args.max_tokens / wall:.1f} | "
-              f"{statistics.median(ttft):.3f} | {p90:.3f} |")
+        rate = requests / wall
+        single = single or rate
+        print(f"| {n} | {rate:.2f} | {rate / single:.2f}x | {sum(r[1] for r in results) / wall:.1f} | "
+              f"{statistics.median(ttft):.3f} | {p90:.3f} |", flush=True)
     server.should_exit = True
 
 

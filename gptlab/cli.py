@@ -238,7 +238,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         check_folder(args.checkpoint)
     serve(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key,
           max_concurrency=args.max_concurrency, device=args.device, dtype=args.dtype, max_rows=args.max_rows,
-          max_queued=args.max_queued, max_prompt_chars=args.max_prompt_chars)
+          max_queued=args.max_queued, max_prompt_chars=args.max_prompt_chars, prefill_chunk=args.prefill_chunk)
     return 0
 
 
@@ -561,7 +561,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=PORT, default=8000)
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/ requests")
-    p.add_argument("--max-concurrency", type=POSITIVE, default=1, help="requests generating at once; others wait")
+    p.add_argument("--max-concurrency", type=POSITIVE, default=32, help="completions decoded together in one batch "
+                                                                         "(cache slots); more wait for a free slot")
+    p.add_argument("--prefill-chunk", type=POSITIVE, default=256, help="prompt tokens prefilled per step between "
+                                                                       "decode steps, so a long prompt does not stall "
+                                                                       "the others")
     p.add_argument("--max-rows", type=POSITIVE, default=64, help="completions one request may ask for (prompts x n); "
                                                                  "more is a 400")
     p.add_argument("--max-queued", type=POSITIVE, default=256, help="completions one client (API key, else address) "

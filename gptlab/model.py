@@ -298,7 +298,7 @@ class GPT(nn.Module):
         if cfg.pos == "learned":
             return self.transformer.drop(x + self.transformer.wpe(pos)), None
         pos = torch.broadcast_to(pos, x.shape[:2])  # (B, T)
-        seq_len = pos.max() + 1  # what length-dependent rope scaling reads, kept on the device
+        seq_len = pos.amax(dim=-1, keepdim=True) + 1  # (B, 1): each row's length, which length-dependent rope reads
         ropes = {}
         for kind in {cfg.layer_type(i) for i in range(cfg.n_layer)}:
             key = (kind, x.device)
@@ -316,13 +316,15 @@ class GPT(nn.Module):
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, pos: torch.Tensor | None = None,
         cache: KVCache | None = None, last_only: bool = False, scored: torch.Tensor | None = None,
+        features: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, vocab) for token ids `idx` (B, T); with `targets`, also the mean cross-entropy loss.
 
         `pos` (B, T) gives each token's position (default 0..T-1); `cache` is the engine's KV cache, prepared with
         `cache.begin`; `last_only` computes logits for the last position only (B, 1, vocab), as decoding needs;
         `scored`, a (B, T) mask, only at its positions (n, vocab), in row order, as a preference loss needs (the
-        output layer is much of a small model's work, and the prompt is not scored). Targets equal to -100 are
+        output layer is much of a small model's work, and the prompt is not scored); `features` returns the last
+        hidden states (B, T, C) after the final norm instead of logits (embeddings). Targets equal to -100 are
         ignored in the loss.
         """
         B, T = idx.shape
@@ -351,6 +353,8 @@ class GPT(nn.Module):
             x = x[:, -1:]
         elif scored is not None:
             x = x[scored]  # (n, C)
+        if features:
+            return self.transformer.ln_f(x)  # (B, T, C)
         if targets is not None and self.loss_chunk and self.training and x.dim() == 3 and not last_only and \
                 self.config.logit_softcap is None:
             return None, linear_cross_entropy(self.transformer.ln_f(x), self.lm_head.weight, targets, self.loss_chunk)

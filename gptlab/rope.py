@@ -48,9 +48,10 @@ def check_scaling(scaling: dict[str, Any] | None) -> None:
 
 class Frequencies:
     """A layer kind's inverse frequencies, computed once per device: `at(seq_len)` gives them (dims/2,) and the
-    factor on cos and sin for sequences `seq_len` long (a 0-d tensor, read only by the length-dependent types, with
-    no host sync and no new host-to-device copy, so that a decode step can be captured in a CUDA graph). `context`
-    is max_position_embeddings."""
+    factor on cos and sin for rows `seq_len` (B, 1) long (read only by the length-dependent types, which then give
+    (B, dims/2): each row's own, so a row's result does not depend on the batch it shares; with no host sync and no
+    new host-to-device copy, so that a decode step can be captured in a CUDA graph). `context` is
+    max_position_embeddings."""
 
     def __init__(self, dims: int, theta: float, scaling: dict[str, Any] | None, context: int,
                  device: torch.device) -> None:
@@ -129,8 +130,9 @@ class Frequencies:
 
 
 def rope_tables(pos: torch.Tensor, inv_freq: torch.Tensor, attention: float, dtype: torch.dtype) -> Rope:
-    """cos and sin (B, 1, T, dims) at positions `pos` (B, T), in Hugging Face's half-split layout."""
-    freqs = pos[..., None].float() * inv_freq  # (B, T, dims/2)
+    """cos and sin (B, 1, T, dims) at positions `pos` (B, T), in Hugging Face's half-split layout; `inv_freq` is
+    (dims/2,), or (B, dims/2) where it depends on each row's length."""
+    freqs = pos[..., None].float() * (inv_freq[:, None] if inv_freq.dim() == 2 else inv_freq)  # (B, T, dims/2)
     angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, dims)
     cos, sin = angles.cos(), angles.sin()
     if attention != 1.0:

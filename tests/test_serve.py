@@ -9,6 +9,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
 
 import pytest
 import torch
@@ -45,7 +46,7 @@ def llm(checkpoint) -> LLM:
 
 @pytest.fixture(scope="module")
 def server(llm) -> Server:
-    return Server(llm, "tiny", max_concurrency=2)
+    return Server(llm, "tiny")  # 16 slots: concurrent requests share decode steps
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +149,28 @@ def test_a_client_that_disconnects_frees_its_slot(client, server):
     assert server.abandoned == before + 2
     r = client.completions.create(model="tiny", prompt="y", max_tokens=5, temperature=0, timeout=20)
     assert r.choices[0].text is not None
+
+
+def test_a_waiting_client_that_goes_away_stops_its_generation(wide_llm):
+    """A non-streaming request whose connection closes is noticed while it generates and its rows are dropped."""
+    import uvicorn
+
+    server, port = Server(wide_llm, "tiny"), free_port()
+    http = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=http.run, daemon=True).start()
+    while not http.started:
+        time.sleep(0.02)
+    body = json.dumps({"prompt": "x", "max_tokens": 2000, "n": 3, "temperature": 1.0}).encode()
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        time.sleep(0.2)
+    deadline = time.time() + 20
+    while any(server.scheduler.running) and time.time() < deadline:
+        time.sleep(0.02)
+    # every row still generating was dropped (a row may have ended early at a sampled end-of-text token)
+    assert not any(server.scheduler.running) and server.abandoned >= 1 and server.scheduler.steps < 1900
+    http.should_exit = True
 
 
 def post(base_url: str, path: str, body: bytes | str, key: str | None = KEY) -> tuple[int, dict]:
@@ -284,9 +307,19 @@ def test_a_fine_tuned_run_is_served_with_its_base(checkpoint, tmp_path, monkeypa
     assert main(["serve", str(tmp_path / "lora")]) == 0 and "app" in served
 
 
-def test_unknown_fields_are_ignored(base_url):
+@pytest.mark.parametrize("body,needle", [
+    ('{"prompt": "hi", "frequency_penalty": 0.5}', "`frequency_penalty` is not implemented"),
+    ('{"prompt": "hi", "logit_bias": {"1": 5}}', "`logit_bias` is not implemented"),
+    ('{"prompt": "hi", "best_of": 3}', "`best_of` is not implemented"),
+    ('{"prompt": "hi", "echo": true}', "`echo` is not implemented"),
+    ('{"prompt": "hi", "some_new_option": 1}', "`some_new_option` is not a parameter this server implements"),
+])
+def test_parameters_gptlab_does_not_implement_are_a_400_naming_them(base_url, body, needle):
+    code, payload = post(base_url, "/v1/completions", body)
+    assert code == 400 and needle in payload["error"]["message"], payload
+    # their no-op values are accepted, as is an end-user id
     code, payload = post(base_url, "/v1/completions", '{"prompt": "hi", "max_tokens": 3, "logit_bias": {}, '
-                                                     '"frequency_penalty": 0.5, "user": "me"}')
+                                                     '"frequency_penalty": 0, "best_of": 1, "user": "me"}')
     assert code == 200 and payload["usage"]["completion_tokens"] <= 3
 
 
@@ -331,3 +364,300 @@ def test_playground_streams_text_in_a_real_browser(base_url):
         assert "tiny" in driver.find_element(By.ID, "model").text
     finally:
         driver.quit()
+
+
+# -- continuous batching -------------------------------------------------------------------------------------------
+def _run(scheduler, rows, timeout: float = 60.0):
+    """Submit rows to a scheduler and wait for all of them; returns their (text, token ids)."""
+    done = threading.Semaphore(0)
+    for r in rows:
+        r.on_done = lambda _r: done.release()
+    scheduler.submit(rows)
+    for _ in rows:
+        assert done.acquire(timeout=timeout)
+    return [(r.text.text, list(r.text.token_ids)) for r in rows]
+
+
+def _row(llm, prompt: str, max_tokens: int, temperature: float = 0.0, seed: int | None = None, **kw):
+    from gptlab.batching import Row
+    from gptlab.generate import SamplingParams, TextStream
+
+    return Row(llm.engine.encode(prompt), SamplingParams(temperature=temperature, top_p=0.9 if temperature else None),
+               max_tokens, TextStream(llm.tokenizer, (), llm.tokenizer.stop_ids), lambda *_: None, lambda *_: None,
+               seed=seed, **kw)
+
+
+def test_rows_decoded_together_equal_each_row_alone(llm):
+    """16 rows of different lengths, greedy and seeded sampling, share decode steps (the scheduler ran them in one
+    batch) and each gives what it gives alone; a greedy row equals the offline engine's answer."""
+    from gptlab.batching import Scheduler
+
+    scheduler = Scheduler(llm.model, slots=16)
+    specs = [(f"The train number {i} left" + " again" * (i % 5), 8 + 3 * (i % 4), 0.8 * (i % 2), i) for i in range(16)]
+    alone = [_run(scheduler, [_row(llm, p, m, t, s)])[0] for p, m, t, s in specs]
+    before = scheduler.widest
+    together = _run(scheduler, [_row(llm, p, m, t, s) for p, m, t, s in specs])
+    assert together == alone
+    assert scheduler.widest > max(before, 4)
+    (want,) = llm.complete(specs[0][0], max_new_tokens=specs[0][1], temperature=0)
+    assert alone[0] == (want.text, want.token_ids)
+
+
+def test_chunked_prefill_gives_the_same_tokens_and_lets_others_decode(llm):
+    from gptlab.batching import Scheduler
+
+    long_prompt = "The ship left the harbour at dawn. " * 6
+    whole = _run(Scheduler(llm.model, slots=4, prefill_chunk=512), [_row(llm, long_prompt, 10)])
+    chunked = Scheduler(llm.model, slots=4, prefill_chunk=8)
+    assert _run(chunked, [_row(llm, long_prompt, 10)]) == whole
+    seen = []
+    short, long_ = _row(llm, "x", 40), _row(llm, long_prompt, 4)
+    short.on_piece = lambda r, p: seen.append("short")
+    long_.on_piece = lambda r, p: seen.append("long")
+    _run(chunked, [short, long_])
+    assert len(llm.engine.encode(long_prompt)) > 8 * 6
+    assert seen.index("long") >= 4  # the short row went on decoding while the long prompt was prefilled
+
+
+def test_a_failing_step_fails_its_rows_and_the_engine_goes_on(llm, monkeypatch):
+    from gptlab.batching import Scheduler
+
+    scheduler = Scheduler(llm.model, slots=2)
+    real = scheduler._decode
+    monkeypatch.setattr(scheduler, "_decode", lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+    (row,) = rows = [_row(llm, "hi", 5)]
+    _run(scheduler, rows)
+    assert row.error == "RuntimeError: boom"
+    monkeypatch.setattr(scheduler, "_decode", real)
+    assert _run(scheduler, [_row(llm, "hi", 5)])[0][1]
+
+
+# -- the OpenAI API as agent frameworks use it ------------------------------------------------------------------
+def _forward_logprobs(llm, prompt_ids: list[int], new_ids: list[int]) -> torch.Tensor:
+    ids = torch.tensor([prompt_ids + new_ids])
+    with torch.no_grad():
+        logits = llm.model(ids)[0, len(prompt_ids) - 1: -1].float().log_softmax(-1)  # (new, vocab)
+    return logits
+
+
+def test_logprobs_equal_a_forward_pass_of_the_same_tokens(client, llm):
+    prompt = "The train left"
+    (want,) = llm.complete(prompt, max_new_tokens=12, temperature=0)
+    ids = [t for t in want.token_ids if t not in llm.tokenizer.stop_ids]
+    ref = _forward_logprobs(llm, llm.engine.encode(prompt), ids)
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert len(lp.token_logprobs) == len(ids)
+    assert torch.allclose(torch.tensor(lp.token_logprobs), ref[torch.arange(len(ids)), ids], atol=1e-4)
+    assert [len(t) for t in lp.top_logprobs] == [3] * len(ids) or all(len(t) <= 3 for t in lp.top_logprobs)
+    assert max(lp.top_logprobs[0].values()) == pytest.approx(float(ref[0].max()), abs=1e-4)
+    assert "".join(lp.tokens) == r.choices[0].text
+
+    messages = [{"role": "user", "content": "Hello there"}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                          logprobs=True, top_logprobs=5)
+    content = chat.choices[0].logprobs.content
+    chat_ids = llm.tokenizer.encode(chat.choices[0].message.content, special=False)
+    prompt_ids = llm.tokenizer.encode_chat(messages)
+    ref = _forward_logprobs(llm, prompt_ids, chat_ids)
+    if len(content) == len(chat_ids):  # the text re-encodes to the tokens generated
+        assert torch.allclose(torch.tensor([c.logprob for c in content]), ref[torch.arange(len(chat_ids)), chat_ids],
+                              atol=1e-4)
+    assert all(len(c.top_logprobs) == 5 and c.top_logprobs[0].logprob >= c.logprob - 1e-6 for c in content)
+    assert b"".join(bytes(c.bytes) for c in content).decode(errors="replace") == chat.choices[0].message.content
+    streamed = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                                   logprobs=True, top_logprobs=2, stream=True))
+    got = [c.logprob for ch in streamed if ch.choices and ch.choices[0].logprobs
+           for c in ch.choices[0].logprobs.content]
+    assert got == pytest.approx([c.logprob for c in content], abs=1e-6)
+
+
+def test_stream_options_include_usage(client):
+    chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=6, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens <= 6
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def _valid(value, schema) -> bool:
+    """What the test schemas need of JSON Schema: objects with required keys, enums, bounded ints, short strings."""
+    t = schema.get("type")
+    if "enum" in schema:
+        return value in schema["enum"]
+    if t == "object":
+        props = schema.get("properties", {})
+        return isinstance(value, dict) and set(schema.get("required", [])) <= set(value) and \
+            (schema.get("additionalProperties", True) or set(value) <= set(props)) and \
+            all(_valid(value[k], props[k]) for k in value if k in props)
+    if t == "integer":
+        return isinstance(value, int) and schema.get("minimum", -1e99) <= value <= schema.get("maximum", 1e99)
+    if t == "string":
+        return isinstance(value, str) and len(value) <= schema.get("maxLength", 1e99)
+    if t == "boolean":
+        return isinstance(value, bool)
+    if t == "array":
+        return isinstance(value, list) and all(_valid(v, schema["items"]) for v in value) and \
+            len(value) <= schema.get("maxItems", 1e99)
+    return True
+
+
+SCHEMA = {"type": "object", "properties": {
+    "city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["celsius", "fahrenheit"]},
+    "days": {"type": "integer", "minimum": 1, "maximum": 14}, "tags": {"type": "array", "maxItems": 2,
+                                                                      "items": {"type": "boolean"}}},
+    "required": ["city", "unit", "days", "tags"], "additionalProperties": False}
+
+
+def test_a_schema_constrained_answer_parses_and_validates_even_from_a_random_model(client):
+    for seed in range(3):
+        r = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Weather?"}], max_tokens=80, temperature=1.0,
+            seed=seed, response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": SCHEMA}})
+        value = json.loads(r.choices[0].message.content)
+        assert _valid(value, SCHEMA) and r.choices[0].finish_reason == "stop", value
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=60,
+                                       temperature=0, response_format={"type": "json_object"})
+    assert r.choices[0].message.content.startswith("{")
+
+
+@pytest.fixture(scope="module")
+def wide_llm(tokenizer, tmp_path_factory) -> LLM:
+    """A 1-layer model with a context long enough for a prompt that lists tools, or for a long generation."""
+    torch.manual_seed(1)
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=2048, vocab_size=tokenizer.vocab_size)
+    return gptlab.load(save_checkpoint(tmp_path_factory.mktemp("wide") / "wide", GPT(cfg), tokenizer), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def wide(wide_llm):
+    """The official OpenAI client on `wide_llm`, over starlette's test transport (the same requests, no socket)."""
+    from fastapi.testclient import TestClient
+
+    http = TestClient(create_app(Server(wide_llm, "tiny")), base_url="http://test")
+    with http:
+        yield openai.OpenAI(base_url="http://test/v1", api_key="none", http_client=http, max_retries=0)
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                            "parameters": SCHEMA}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+    "additionalProperties": False}}}
+
+
+def test_a_forced_tool_call_has_schema_valid_arguments_and_its_result_goes_back(wide):
+    client = wide
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    for choice in ("required", {"type": "function", "function": {"name": "get_time"}}):
+        r = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER, CLOCK],
+                                           tool_choice=choice, max_tokens=120, temperature=0.7, seed=3,
+                                           parallel_tool_calls=False)
+        (call,) = r.choices[0].message.tool_calls
+        assert r.choices[0].finish_reason == "tool_calls" and call.id.startswith("call_")
+        schema = {"get_weather": SCHEMA, "get_time": CLOCK["function"]["parameters"]}[call.function.name]
+        assert _valid(json.loads(call.function.arguments), schema)
+        if isinstance(choice, dict):
+            assert call.function.name == "get_time"
+    history = messages + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                          {"role": "tool", "tool_call_id": call.id, "content": '{"time": "12:00"}'}]
+    r = client.chat.completions.create(model="tiny", messages=history, tools=[WEATHER, CLOCK], max_tokens=5,
+                                       temperature=0)
+    assert r.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, tools=[CLOCK], tool_choice="required",
+                                                 max_tokens=120, temperature=0, stream=True, parallel_tool_calls=False))
+    calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+    assert calls[0].function.name == "get_time" and json.loads(calls[0].function.arguments)["zone"] in ("UTC", "CET")
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize("body,needle", [
+    ({"tool_choice": "required"}, "tool_choice needs tools"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "`nope`"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "a": {"$ref": "#/missing"}}}}}], "tool_choice": "required"}, "tools:"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"$ref": "#/missing"}}}}}}, "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "needs its json_schema"),
+    ({"top_logprobs": 3}, "top_logprobs needs logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"tools": [WEATHER], "response_format": {"type": "json_object"}}, "cannot be combined"),
+])
+def test_bad_structured_requests_are_a_400_naming_the_field(base_url, body, needle):
+    code, payload = post(base_url, "/v1/chat/completions", json.dumps(
+        {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, **body}))
+    assert code == 400 and needle in payload["error"]["message"], payload
+
+
+def test_tools_are_rendered_by_a_template_that_shows_them(tmp_path):
+    """A ChatML model (Qwen's template renders `tools`) gets them as transformers renders them; its forced call
+    comes back as a tool call."""
+    from fastapi.testclient import TestClient
+    from transformers import AutoTokenizer
+
+    from tests import hub_tokenizers
+
+    folder = hub_tokenizers.qwen(tmp_path / "qwen")
+    from gptlab.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_folder(folder)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=512, vocab_size=tok.vocab_size))
+    save_checkpoint(tmp_path / "ckpt", model, tok)
+    llm = gptlab.load(tmp_path / "ckpt", device="cpu")
+    messages = [{"role": "user", "content": "Time?"}]
+    want = AutoTokenizer.from_pretrained(folder).apply_chat_template(messages, tools=[CLOCK],
+                                                                     add_generation_prompt=True).input_ids
+    with TestClient(create_app(Server(llm, "qwen"))) as http:
+        r = http.post("/v1/chat/completions", json={"messages": messages, "tools": [CLOCK], "tool_choice": "required",
+                                                    "max_tokens": 120, "temperature": 0, "parallel_tool_calls": False})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == len(want)
+        (call,) = r.json()["choices"][0]["message"]["tool_calls"]
+        assert json.loads(call["function"]["arguments"])["zone"] in ("UTC", "CET")
+
+
+def test_langchain_bind_tools_gets_a_tool_call(wide):
+    langchain_openai = pytest.importorskip("langchain_openai")
+    from langchain_core.tools import tool
+
+    @tool
+    def get_time(zone: Literal["UTC", "CET"]) -> str:
+        """The time in a zone."""
+        return "12:00"
+
+    llm = langchain_openai.ChatOpenAI(model="tiny", base_url="http://test/v1", api_key="none", max_tokens=150,
+                                      temperature=0, max_retries=0, http_client=wide._client)
+    reply = llm.bind_tools([get_time], tool_choice="get_time", parallel_tool_calls=False).invoke("Time in UTC?")
+    (call,) = reply.tool_calls
+    assert call["name"] == "get_time" and call["args"]["zone"] in ("UTC", "CET")
+
+
+def test_embeddings_are_mean_pooled_unit_vectors(client, llm):
+    import base64
+
+    import numpy as np
+
+    r = client.embeddings.create(model="tiny", input=["The train left", "Le train"])
+    a, b = (np.array(d.embedding) for d in r.data)
+    assert a.shape == (llm.model.config.n_embd,) and abs(np.linalg.norm(a) - 1) < 1e-5
+    ids = llm.engine.encode("The train left")
+    with torch.no_grad():
+        hidden = llm.model(torch.tensor([ids]), features=True)[0].mean(0)
+    assert np.allclose(a, torch.nn.functional.normalize(hidden, dim=0).numpy(), atol=1e-5)
+    assert r.usage.prompt_tokens == len(ids) + len(llm.engine.encode("Le train"))
+    raw = client.embeddings.with_raw_response.create(model="tiny", input=ids, encoding_format="base64")
+    packed = json.loads(raw.text)["data"][0]["embedding"]
+    assert np.allclose(np.frombuffer(base64.b64decode(packed), dtype=np.float32), a, atol=1e-6)
+    with pytest.raises(openai.BadRequestError, match="dimensions"):
+        client.embeddings.create(model="tiny", input="x", dimensions=3)
+    with pytest.raises(openai.BadRequestError, match="input"):
+        client.embeddings.create(model="tiny", input=[])
+
+
+def test_a_429_says_when_to_retry(llm):
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(Server(llm, "tiny", max_rows=8, max_queued=4))) as http:
+        r = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "n": 5})
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
