@@ -85,6 +85,21 @@ class LLM:
             return self.engine.stream(ids, max_new_tokens, params, stops, ends)
         return self.engine.complete([ids], max_new_tokens, params, stops, ends)[0].text
 
+    @torch.inference_mode()
+    def embed(self, texts: Sequence[str] | Sequence[Sequence[int]]) -> torch.Tensor:
+        """Unit vectors (N, n_embd): for each text (or list of token ids), the mean over its tokens of the model's
+        last hidden states after the final norm (mean pooling, as sentence-transformers pools by default)."""
+        dev = self.model.transformer.wte.weight.device
+        out = []
+        for t in texts:
+            ids = self.engine.encode(t) if isinstance(t, str) else list(t)
+            if len(ids) > self.engine.context:
+                raise GptlabError(f"a text of {len(ids)} tokens is longer than the model's context "
+                                  f"({self.engine.context}); split it first")
+            hidden = self.model(torch.tensor([ids], device=dev), features=True)[0].float()  # (T, C)
+            out.append(torch.nn.functional.normalize(hidden.mean(0), dim=0))
+        return torch.stack(out) if out else torch.empty(0, self.model.config.n_embd)
+
 
 def load(path: str | os.PathLike[str], device: str | None = None, dtype: str | torch.dtype | None = None) -> LLM:
     """Load a checkpoint folder for inference; the device defaults to CUDA when present, else the CPU.

@@ -220,6 +220,8 @@ class Scheduler:
         for row in [r for r in self.running if r is not None and r.cancelled.is_set()]:
             self.abandoned += 1
             self._free(row)
+        gone = [r for r in self.waiting if r.cancelled.is_set()]
+        self.abandoned += len(gone)
         self.waiting = [r for r in self.waiting if not r.cancelled.is_set()]
         self._admit()
         budget = self.prefill_chunk
@@ -243,7 +245,6 @@ class Scheduler:
                     row.generator.manual_seed(row.seed % 2**64)
                 else:
                     row.generator.seed()
-            self.cache.reserve(len(row.prompt) + row.max_tokens)
 
     def _prefill(self, row: Row, budget: int) -> int:
         """Put up to `budget` more of the row's tokens in the cache; at the end of its prompt, choose its first
@@ -253,6 +254,7 @@ class Scheduler:
         n = left if row.generated else min(budget, left)
         ids = torch.tensor(row.tokens[row.filled: row.filled + n], device=self.cache.device)[None]  # (1, n)
         pos = torch.arange(row.filled, row.filled + n, device=self.cache.device)[None]  # (1, n)
+        self.cache.reserve(row.filled + n)  # the cache grows with the longest row, not with max_tokens
         self.cache.begin_prefill(row.slot, row.filled, n)
         logits = self.model(ids, pos=pos, cache=self.cache, last_only=True)[:, -1]  # (1, vocab)
         row.filled += n
@@ -267,6 +269,7 @@ class Scheduler:
         active = torch.tensor([r is not None and r.decoding for r in rows], device=dev)  # (n,)
         tokens = torch.tensor([r.tokens[-1] if r is not None and r.decoding else 0 for r in rows], device=dev)
         pos = torch.tensor([r.filled if r is not None and r.decoding else 0 for r in rows], device=dev)  # (n,)
+        self.cache.reserve(max(r.filled for r in rows if r is not None and r.decoding) + 1)
         self.cache.begin_decode(pos, active)
         logits = self.model(tokens[:, None], pos=pos[:, None], cache=self.cache)[:, -1]  # (n, vocab)
         self.steps += 1

@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +143,27 @@ def _check_text(flag: str, text: str | None) -> None:
         raise GptlabError(f"{flag} is not UTF-8 text (at character {e.start})") from None
 
 
+def _rails(args: argparse.Namespace, llm: Any = None) -> Any:
+    """The guardrails of `--guardrails POLICY` (None without it); the model the command uses judges, unless the
+    policy names its own judge."""
+    if not getattr(args, "guardrails", None):
+        return None
+    from gptlab.guardrails import Guardrails
+
+    return Guardrails.load(args.guardrails, llm=llm)
+
+
+def _guarded_input(rails: Any, text: str) -> str | None:
+    """The text after the input rails (perhaps redacted); None, with the refusal printed, when they block it."""
+    if rails is None:
+        return text
+    decision = rails.check_input(text)
+    if not decision.allowed:
+        print(decision.text)
+        return None
+    return decision.text
+
+
 # -- verbs -------------------------------------------------------------------------------------------------------
 def cmd_presets(args: argparse.Namespace) -> int:
     from gptlab.presets import preset_rows, render_table
@@ -158,33 +179,46 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for flag, text in (("--prompt", args.prompt), ("--system", args.system), *(("--stop", s) for s in args.stop or ())):
         _check_text(flag, text)
     llm = load(args.checkpoint, device=args.device, dtype=args.dtype)
+    rails = _rails(args, llm)
+    prompt = _guarded_input(rails, args.prompt)
+    if prompt is None:
+        return 0
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty, stop=args.stop or ())
+
+    def show(pieces: Iterator[str]) -> None:  # streamed through the output rails, which may end it early
+        stream = rails.stream(prompt) if rails is not None else None
+        for piece in stream.filter(pieces) if stream is not None else pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        if stream is not None and not stream.decision.allowed:
+            sys.stdout.write(("\n" if stream.sent else "") + stream.decision.text)
+        sys.stdout.write("\n")
+
+    def guarded(text: str) -> str:
+        return rails.check_output(text, prompt=prompt).text if rails is not None else text
+
     if args.chat or args.system:
         messages = [{"role": "system", "content": args.system}] if args.system else []
-        messages.append({"role": "user", "content": args.prompt})
+        messages.append({"role": "user", "content": prompt})
         if args.stream and not args.json:
-            for piece in llm.chat(messages, stream=True, **kwargs):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
+            show(llm.chat(messages, stream=True, **kwargs))
             return 0
-        reply = llm.chat(messages, **kwargs)
+        reply = guarded(llm.chat(messages, **kwargs))
         print(json.dumps({"text": reply}, ensure_ascii=False) if args.json else reply)
         return 0
     if args.stream and not args.json:
-        sys.stdout.write(args.prompt)
-        for piece in llm.stream(args.prompt, **kwargs):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+        sys.stdout.write(prompt)
+        show(llm.stream(prompt, **kwargs))
         return 0
-    (done,) = llm.complete(args.prompt, **kwargs)
+    (done,) = llm.complete(prompt, **kwargs)
+    if rails is not None:
+        done.text = guarded(done.text)
     if args.json:
         print(json.dumps({"text": done.text, "token_ids": done.token_ids, "finish_reason": done.finish_reason},
                          ensure_ascii=False))
     else:
-        print(args.prompt + done.text)
+        print(prompt + done.text)
     return 0
 
 
@@ -238,7 +272,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         check_folder(args.checkpoint)
     serve(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key,
           max_concurrency=args.max_concurrency, device=args.device, dtype=args.dtype, max_rows=args.max_rows,
-          max_queued=args.max_queued, max_prompt_chars=args.max_prompt_chars, prefill_chunk=args.prefill_chunk)
+          max_queued=args.max_queued, max_prompt_chars=args.max_prompt_chars, prefill_chunk=args.prefill_chunk,
+          guardrails=args.guardrails)
     return 0
 
 
@@ -303,6 +338,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if Path(args.data).is_dir() and args.template:
         raise GptlabError(f"{args.data} is a prepared data folder, scored by perplexity; --template is for task data")
+    if args.strategy:
+        return _evaluate_strategies(args)
     llm = load(args.checkpoint, device=args.device)
     if Path(args.data).is_dir():
         shards = TokenShards(args.data)
@@ -321,6 +358,100 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
         for sample in result.get("samples", []):
             print(f"- {sample['prompt'][-60:]!r} -> {sample['prediction']!r} (reference {sample['reference']!r})")
+    return 0
+
+
+def _evaluate_strategies(args: argparse.Namespace) -> int:
+    """`evaluate --strategy a,b,...`: each prompting strategy on the same questions; a table, and report.md in --out."""
+    from gptlab.api import load
+    from gptlab.files import atomic_write_text, check_new_folder, write_folder
+    from gptlab.finetuning import task_examples
+    from gptlab.strategies import evaluate_strategies, report, strategy
+
+    if Path(args.data).is_dir() or args.template:
+        raise GptlabError("--strategy takes question/answer task data (a file or a built-in task such as "
+                          "arithmetic), without --template: each strategy builds its own prompts")
+    strategies = [strategy(name.strip(), shots=args.shots or None, samples=args.samples)
+                  for name in args.strategy.split(",") if name.strip()]
+    if args.out:
+        check_new_folder(args.out, [args.checkpoint, args.data])
+    retrieve = None
+    if args.index:
+        from gptlab.rag import Index
+
+        index = Index.load(args.index)
+
+        def retrieve(question: str) -> list[str]:
+            return [h.passage for h in index.search(question, k=3)]
+    examples = task_examples(args.data, args.task_token)
+    llm = load(args.checkpoint, device=args.device)
+    rows = evaluate_strategies(llm, examples, strategies, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                               retrieve=retrieve)
+    text = report(rows, args.checkpoint, args.data)
+    if args.out:
+        def write(root: Path) -> None:
+            atomic_write_text(root / "report.md", text)
+            atomic_write_text(root / "results.json", json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
+
+        write_folder(args.out, write, [args.checkpoint, args.data])
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False))
+    else:
+        print("\n".join(line for line in text.splitlines() if line.startswith("|")))
+        if args.out:
+            print(f"report.md and results.json in {args.out}")
+    return 0
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from gptlab.agent import llm_generator, local_client, react, tool_agent
+    from gptlab.tools import make_tools
+
+    _check_text("the question", args.question)
+    index = None
+    if args.index:
+        from gptlab.rag import Index
+
+        index = Index.load(args.index)
+    tools = make_tools([t.strip() for t in args.tools.split(",") if t.strip()], index, args.python_timeout,
+                       args.python_memory_mb)
+    if args.transcript and Path(args.transcript).exists():
+        raise GptlabError(f"{args.transcript} already exists; choose a new file for the transcript")
+    llm = None
+    if not args.base_url:
+        from gptlab.api import load
+
+        llm = load(args.checkpoint, device=args.device)
+    rails = _rails(args, llm)
+    question = _guarded_input(rails, args.question)
+    if question is None:
+        return 0
+    if args.base_url:  # a model behind an OpenAI-compatible server: its tool calls
+        import openai
+
+        client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key or "none", max_retries=0)
+        transcript = tool_agent(client, args.checkpoint, question, tools, args.max_steps, args.max_new_tokens)
+    elif args.mode == "tools":
+        transcript = tool_agent(local_client(llm), "local", question, tools, args.max_steps, args.max_new_tokens)
+    else:
+        transcript = react(llm_generator(llm, args.max_new_tokens), question, tools, args.max_steps)
+    if rails is not None and transcript.answer:
+        transcript.answer = rails.check_output(transcript.answer, prompt=question).text
+    if args.transcript:
+        from gptlab.files import atomic_write_text
+
+        atomic_write_text(args.transcript, json.dumps(transcript.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    if args.json:
+        print(json.dumps(transcript.to_dict(), ensure_ascii=False))
+        return 0
+    for step in transcript.steps:
+        if step.thought:
+            print(f"Thought: {step.thought}")
+        if step.action and step.action != "Finish":
+            print(f"Action: {step.action}[{step.input if isinstance(step.input, str) else json.dumps(step.input)}]")
+            print(f"Observation: {step.observation}")
+    why = {"step_limit": f"stopped at the {args.max_steps}-step limit", "no_action": "the model wrote no action"}
+    print(f"Answer: {transcript.answer}" if transcript.answer else f"(no answer: {why.get(transcript.stopped)})")
     return 0
 
 
@@ -392,6 +523,63 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     out = export_hf(args.checkpoint, args.out)
     print(f"exported {args.checkpoint} -> {out} (Hugging Face transformers format)")
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from gptlab.rag import Index
+
+    extensions = args.ext.split(",") if args.ext else None
+    index = Index.build(args.sources, args.out, dense=args.dense, passage_chars=args.passage_chars,
+                        overlap=args.overlap, stemmer=args.stemmer, extensions=extensions, text_field=args.text_field,
+                        update=args.update, device=args.device, progress=not args.quiet)
+    m, last = index.manifest, index.manifest["last_build"]
+    dense = f" + {m['dense']['dim']}-dim vectors from {m['dense']['path']}" if m["dense"] else ""
+    print(f"{'added' if args.update else 'indexed'} {last['documents']:,} documents ({last['bytes'] / 1e6:.1f} MB) "
+          f"-> {last['passages']:,} passages (BM25{dense}) in {args.out}, {m['passages']:,} passages in all; "
+          f"{last['seconds']:.1f} s, {last['mb_per_s']:.2f} MB/s")
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from gptlab.api import load
+    from gptlab.rag import Index, ask, read_template
+
+    _check_text("the question", args.question)
+    template = read_template(args.template) if args.template else None
+    index = Index.load(args.index, device=args.device)
+    if index.vectors is None and args.dense:
+        index.use_encoder(args.dense)  # an index without vectors takes no encoder: the error before the model loads
+    if index.vectors is None and args.mode not in (None, "bm25"):
+        index.search(args.question, args.k, args.mode)  # the same for a dense search
+    llm = load(args.checkpoint, device=args.device, dtype=args.dtype)
+    if args.dense or (index.vectors is not None and args.mode != "bm25"):
+        encoder = args.dense or index.manifest["dense"]["path"]
+        same = args.dtype is None and Path(encoder).resolve() == Path(args.checkpoint).resolve()
+        index.use_encoder(encoder, llm=llm if same else None)  # the answering model read once when it embeds too
+    rails = _rails(args, llm)
+    question = _guarded_input(rails, args.question)
+    if question is None:
+        return 0
+    answer = ask(index, llm, question, k=args.k, mode=args.mode, template=template,
+                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    if rails is not None:
+        answer.text = rails.check_output(answer.text, prompt=question).text
+    if answer.left_out:
+        print(f"gptlab: note: {answer.left_out} of the {len(answer.hits) + answer.left_out} passages were left out "
+              "of the prompt to fit the model's context", file=sys.stderr)
+    if args.json:
+        print(json.dumps(answer.to_json(), ensure_ascii=False))
+        return 0
+    print(answer.text)
+    print()
+    if answer.sources:
+        print("Sources:")
+        print("\n".join(f"[{n}] {h.where}" for n, h in zip(answer.citations, answer.sources)))
+    else:
+        print("No source cited. Retrieved:" if answer.hits else "No passage was found for the question.")
+        for n, h in enumerate(answer.hits, 1):
+            print(f"[{n}] {h.where}")
     return 0
 
 
@@ -520,6 +708,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=POSITIVE, default=100, help="examples scored")
     p.add_argument("--metrics", default="exact,bleu,chrf,rougeL")
     p.add_argument("--task-token", default=None)
+    p.add_argument("--strategy", default=None, help="prompting strategies scored side by side on question/answer data, "
+                                                    "e.g. zero-shot,few-shot,cot,self-consistency,dsp (--shots "
+                                                    "sets their examples, default 3)")
+    p.add_argument("--samples", type=POSITIVE, default=None, help="self-consistency: chains sampled per question "
+                                                                  "(default 5)")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=128, help="with --strategy: tokens per answer")
+    p.add_argument("--index", default=None, help="with --strategy dsp: the index (gptlab index) it retrieves from")
+    p.add_argument("--out", default=None, help="with --strategy: a new folder for report.md and results.json")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true")
+
+    p = _verb(sub, "agent", cmd_agent, "answer a question with tools: ReAct (Thought/Action/Observation) or "
+                                       "OpenAI-style tool calls")
+    p.add_argument("checkpoint", help="checkpoint folder (with --base-url: the served model's name)")
+    p.add_argument("question")
+    p.add_argument("--tools", default="calculator", help="calculator, search (needs --index), python (runs code in a "
+                                                         "sandbox: only when named)")
+    p.add_argument("--mode", choices=["react", "tools"], default="react", help="react: text steps; tools: tool calls "
+                                                                               "through gptlab's server")
+    p.add_argument("--index", default=None, help="an index folder (gptlab index) for the search tool")
+    p.add_argument("--base-url", default=None, help="an OpenAI-compatible server's /v1 URL: tool calls there")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--max-steps", type=POSITIVE, default=6)
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=128, help="tokens per step")
+    p.add_argument("--python-timeout", type=_bounded(float, 0, above=True), default=5.0, help="seconds per run")
+    p.add_argument("--python-memory-mb", type=POSITIVE, default=256)
+    p.add_argument("--transcript", default=None, help="a new JSON file for the whole transcript")
+    p.add_argument("--guardrails", metavar="POLICY", default=None, help="a guardrails policy file (YAML/JSON): input "
+                                                                        "and output rails, see gptlab.guardrails")
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true")
 
@@ -539,6 +756,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", help="stop string (repeatable); not included in the output")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--json", action="store_true", help='print {"text": ..., "token_ids": [...]} (the new tokens)')
+    p.add_argument("--guardrails", metavar="POLICY", default=None, help="a guardrails policy file (YAML/JSON): input "
+                                                                        "and output rails, see gptlab.guardrails")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
 
@@ -566,6 +785,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=POSITIVE, default=256, help="prompt tokens prefilled per step between "
                                                                        "decode steps, so a long prompt does not stall "
                                                                        "the others")
+    p.add_argument("--guardrails", metavar="POLICY", default=None, help="a guardrails policy file (YAML/JSON): input "
+                                                                        "and output rails, see gptlab.guardrails")
     p.add_argument("--max-rows", type=POSITIVE, default=64, help="completions one request may ask for (prompts x n); "
                                                                  "more is a 400")
     p.add_argument("--max-queued", type=POSITIVE, default=256, help="completions one client (API key, else address) "
@@ -598,6 +819,46 @@ def build_parser() -> argparse.ArgumentParser:
                         "are not whole blocks of 32 f16; q4_0 keeps the head q8_0). A quantized checkpoint is "
                         "dequantized and quantized again, but int4 with groups of 32, 64, ... goes to q4_0 code for "
                         "code (only its scales round to f16). q4_k and q5_k: the gguf package cannot write them")
+    from gptlab.rag.index import MODES
+    from gptlab.rag.lexical import STEMMERS
+
+    p = _verb(sub, "index", cmd_index, "index documents for retrieval: passages, BM25, and dense vectors if asked")
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="text file, folder (recursive), JSONL file, or `stdlib` (Python's own source)")
+    p.add_argument("--out", required=True, help="new index folder (with --update: the index to add to)")
+    p.add_argument("--update", action="store_true", help="add the sources to the index in --out, with its settings "
+                                                         "and encoder (the old passages' vectors are kept as they are)")
+    p.add_argument("--dense", metavar="ENCODER", help="also embed the passages: a gptlab checkpoint folder, or a "
+                                                      "sentence-transformers / Hugging Face encoder folder")
+    p.add_argument("--passage-chars", type=POSITIVE, default=None, help="passage length in characters (default 800), "
+                                                                        "cut at paragraph breaks and line ends")
+    p.add_argument("--overlap", type=COUNT, default=None, help="characters of whole lines that consecutive passages "
+                                                               "share (default 100; at most half a passage)")
+    p.add_argument("--stemmer", choices=STEMMERS, default=None, help="BM25 words by their Porter stem (default), or "
+                                                                     "as written")
+    p.add_argument("--ext", default=None, help="file endings read from folders (default "
+                                               f"{','.join(DEFAULT_EXTENSIONS)})")
+    p.add_argument("--text-field", default=None, help="the field of a JSONL record that holds the text (default text)")
+    p.add_argument("--device", default=None, help="for the encoder: cpu, cuda or cuda:N (default: cuda if present)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = _verb(sub, "ask", cmd_ask, "answer a question from an index's passages with a model, citing them")
+    p.add_argument("index", help="index folder (gptlab index)")
+    p.add_argument("checkpoint", help="checkpoint folder of the model that answers")
+    p.add_argument("question")
+    p.add_argument("--k", type=POSITIVE, default=4, help="passages retrieved into the prompt")
+    p.add_argument("--mode", choices=MODES, default=None, help="default: hybrid for an index with vectors, else bm25")
+    p.add_argument("--template", metavar="FILE", help="prompt template, a text with {sources} and {question}")
+    p.add_argument("--dense", metavar="ENCODER", help="the index's encoder, where it is now (default: where it was "
+                                                      "when the index was built)")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=256)
+    p.add_argument("--temperature", type=_bounded(float, 0), default=0.0, help="0 means greedy (default)")
+    p.add_argument("--seed", type=_bounded(int, 0, 2**63 - 1), default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
+    p.add_argument("--json", action="store_true", help="print the answer, its citations and the passages as JSON")
+    p.add_argument("--guardrails", metavar="POLICY", default=None, help="a guardrails policy file (YAML/JSON): input "
+                                                                        "and output rails, see gptlab.guardrails")
     return parser
 
 

@@ -119,3 +119,52 @@ def write_folder(out: str | os.PathLike[str], write: Callable[[Path], None],
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def recover_replaced(out: str | os.PathLike[str]) -> None:
+    """Finish what a `replace_folder` killed between its two renames left: the old folder, kept at `.OUT.old-PID`,
+    goes back to `out` when `out` is missing, and is removed when `out` is there."""
+    out = Path(out)
+    prefix = f".{out.name}.old-"
+    if not out.parent.is_dir():
+        return
+    for p in sorted(out.parent.iterdir()):
+        pid = p.name[len(prefix):] if p.name.startswith(prefix) else ""
+        if pid.isdigit() and not _alive(int(pid)):
+            if out.exists():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.rename(out)
+
+
+def replace_folder(out: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+    """Build a new version of the existing folder `out` in a staging folder beside it, then swap the two by two
+    renames (`out` to `.OUT.old-PID`, the staging folder to `out`) and remove the old one: a reader sees the old
+    folder or the new one, whole, and a kill between the renames is undone by the next `recover_replaced`."""
+    out = Path(out)
+    recover_replaced(out)
+    if not out.is_dir():
+        raise GptlabError(f"{out} is not a folder (nothing was written)")
+    prefix = f".{out.name}.staging-"
+    remove_stale(out.parent, prefix)
+    staging = out.parent / f"{prefix}{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        write(staging)
+        for f in staging.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        out.rename(old)
+        try:
+            staging.rename(out)
+        except BaseException:
+            old.rename(out)
+            raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return out

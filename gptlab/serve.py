@@ -256,8 +256,9 @@ class Server:
     """The model, its tokenizer, the scheduler and the admission of requests; the FastAPI app is built around one."""
 
     def __init__(self, llm: LLM, model_name: str, max_concurrency: int = 32, max_prompt_chars: int = 100_000,
-                 max_rows: int = 64, max_queued: int = 256, prefill_chunk: int = 256) -> None:
+                 max_rows: int = 64, max_queued: int = 256, prefill_chunk: int = 256, rails: Any = None) -> None:
         self.llm = llm
+        self.rails = rails  # gptlab.guardrails.Guardrails: input rails before generating, output rails after
         self.model_name = model_name
         self.max_rows = max_rows  # prompts x n of one request: the rows of its batch
         self.max_queued = max_queued  # completions (rows) one client may have running or waiting
@@ -385,8 +386,7 @@ class Server:
         return grammar
 
     # -- generation ---------------------------------------------------------------------------------------------
-    def rows(self, job: Job, on_piece: Callable[[Row, str], None], on_done: Callable[[Row], None],
-             cancelled: threading.Event) -> list[Row]:
+    def rows(self, job: Job, on_piece: Callable[[Row, str], None], on_done: Callable[[Row], None]) -> list[Row]:
         """A row per choice (choice i*n+j is prompt i's j-th), each with its own generator: choice j of a seeded
         request draws from seed + j, so that it samples the same whoever shares its batch."""
         req = job.req
@@ -395,7 +395,7 @@ class Server:
         for i, p in enumerate(job.prompts):
             for j in range(req.n):
                 row = Row(p, params, job.max_tokens, TextStream(self.llm.tokenizer, job.stop, job.stop_ids),
-                          on_piece, on_done, cancelled, seed=None if req.seed is None else req.seed + j,
+                          on_piece, on_done, seed=None if req.seed is None else req.seed + j,
                           logprobs=job.logprobs,
                           constraint=self.grammars.constraint(job.constraint) if job.constraint else None,
                           index=i * req.n + j)
@@ -421,15 +421,9 @@ class Server:
 
     # -- embeddings ----------------------------------------------------------------------------------------------
     def embed(self, ids: Sequence[list[int]]) -> list[list[float]]:
-        """Mean over each input's tokens of the model's last hidden states (after the final norm), scaled to unit
-        length as OpenAI's embeddings are. Runs in the engine thread."""
-        out = []
-        dev = self.llm.model.transformer.wte.weight.device
-        with torch.inference_mode():
-            for p in ids:
-                hidden = self.llm.model(torch.tensor([p], device=dev), features=True)[0].float()  # (T, C)
-                out.append(torch.nn.functional.normalize(hidden.mean(0), dim=0).tolist())
-        return out
+        """`LLM.embed`: mean-pooled last hidden states, unit length as OpenAI's embeddings are. Runs in the engine
+        thread."""
+        return self.llm.embed(ids).tolist()
 
 
 def _sse(data: dict[str, Any] | str) -> str:
@@ -510,6 +504,12 @@ def create_app(server: Server, api_key: str | None = None):  # -> fastapi.FastAP
             raise APIError(400, "prompt must not be empty", "prompt")
         server.check_request(req, len(prompts))
         max_tokens = req.max_tokens or 16
+        if server.rails is not None:
+            texts = [p if isinstance(p, str) else server.llm.tokenizer.decode(p) for p in prompts]
+            checked, refusal = await input_rail(texts)
+            if refusal is not None:
+                return refused(req, False, refusal.text)
+            prompts = [c if c != t or isinstance(p, str) else p for c, t, p in zip(checked, texts, prompts)]
         ids = server.encode_prompts(prompts, max_tokens)
         job = Job(ids, req, max_tokens, req.stops(), server.llm.tokenizer.stop_ids, chat=False, logprobs=req.logprobs)
         return await respond(job, request)
@@ -521,6 +521,15 @@ def create_app(server: Server, api_key: str | None = None):  # -> fastapi.FastAP
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         grammar, tools = server.chat_constraint(req)
+        if server.rails is not None:
+            users = [i for i, m in enumerate(req.messages) if m.role == "user"]
+            if users:  # the user's last message: what this turn asks
+                text = req.messages[users[-1]].text()["content"]
+                (checked,), refusal = await input_rail([text])
+                if refusal is not None:
+                    return refused(req, True, refusal.text)
+                if checked != text:
+                    req.messages[users[-1]] = Message(role="user", content=checked)
         ids = server.encode_chat(req)
         max_tokens = req.max_completion_tokens or req.max_tokens or max(1, server.llm.engine.context - len(ids))
         server.check_length(ids, max_tokens)
@@ -557,6 +566,55 @@ def create_app(server: Server, api_key: str | None = None):  # -> fastapi.FastAP
         return {"object": "list", "data": data, "model": server.model_name,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
+    async def in_engine(fn: Callable[[], Any]) -> Any:
+        """`fn()` where the model runs: in the engine thread when a rail asks a model to judge (so that no two
+        forwards overlap and the event loop never waits on one), else here."""
+        if server.rails is None or server.rails.judge is None:
+            return fn()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+
+        def done(result: Any, error: BaseException | None) -> None:
+            loop.call_soon_threadsafe(lambda: future.done() or (future.set_exception(error) if error else
+                                                                 future.set_result(result)))
+
+        server.scheduler.call(fn, done)
+        return await future
+
+    async def input_rail(texts: list[str]) -> tuple[list[str], Any]:
+        """The texts after the input rails (redacted where a rule rewrote them), and the first refusal, if any."""
+        out = []
+        for text in texts:
+            d = await in_engine(lambda t=text: server.rails.check_input(t))
+            if not d.allowed:
+                return texts, d
+            out.append(d.text)
+        return out, None
+
+    def refused(req: _Request, chat: bool, text: str) -> Any:
+        """A request the input rails block: OpenAI's shape for a refusal, finish_reason "content_filter"."""
+        n = req.n * (len(req.prompts()) if isinstance(req, CompletionRequest) else 1)
+        if chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": None, "refusal": text},
+                        "finish_reason": "content_filter", "logprobs": None} for i in range(n)]
+        else:
+            choices = [{"index": i, "text": text, "finish_reason": "content_filter", "logprobs": None}
+                       for i in range(n)]
+        body = {**_base(chat), "choices": choices, "usage": {"prompt_tokens": 0, "completion_tokens": 0,
+                                                            "total_tokens": 0}}
+        if not req.stream:
+            return body
+
+        async def events() -> AsyncIterator[str]:
+            kind = "chat.completion.chunk" if chat else "text_completion"
+            for c in choices:
+                delta = {"delta": {"role": "assistant", "refusal": text}} if chat else {"text": text}
+                yield _sse({**body, "object": kind, "choices": [{"index": c["index"], **delta, "logprobs": None,
+                                                                 "finish_reason": "content_filter"}]})
+            yield _sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
     def _client(request: Request) -> str:
         """Who a request counts against: its API key where one is sent, else its address."""
         return request.headers.get("authorization") or (request.client.host if request.client else "?")
@@ -576,15 +634,19 @@ def create_app(server: Server, api_key: str | None = None):  # -> fastapi.FastAP
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": server.model_name}
 
-    def start(job: Job) -> tuple[asyncio.Queue, threading.Event, list[Row]]:
-        """Submit the job's rows; their pieces and ends arrive on the queue as ("piece", row, text) / ("done", row)."""
+    def start(job: Job) -> tuple[asyncio.Queue, list[Row]]:
+        """Submit the job's rows; their pieces and ends arrive on the queue as ("piece", row, text) / ("done", row).
+        Setting a row's `cancelled` drops it at the next step."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        cancelled = threading.Event()
         rows = server.rows(job, lambda r, p: loop.call_soon_threadsafe(events.put_nowait, ("piece", r, p)),
-                           lambda r: loop.call_soon_threadsafe(events.put_nowait, ("done", r, None)), cancelled)
+                           lambda r: loop.call_soon_threadsafe(events.put_nowait, ("done", r, None)))
         server.scheduler.submit(rows)
-        return events, cancelled, rows
+        return events, rows
+
+    def stop(rows: Sequence[Row]) -> None:
+        for r in rows:
+            r.cancelled.set()
 
     def usage(job: Job, rows: Sequence[Row]) -> dict[str, int]:
         prompt_tokens = sum(max(1, len(p)) for p in job.prompts) * job.req.n
@@ -623,7 +685,7 @@ def create_app(server: Server, api_key: str | None = None):  # -> fastapi.FastAP
         return {"role": "assistant", "content": row.text.text}, finish
 
     async def complete(job: Job, request: Request) -> dict[str, Any]:
-        events, cancelled, rows = start(job)
+        events, rows = start(job)
         left, checked = len(rows), time.monotonic()
         try:
             while left:
@@ -640,10 +702,21 @@ def create_app(server: Server, api_key: str | None = None):  # -> fastapi.FastAP
                     if row.error:
                         raise APIError(500, f"generation failed: {row.error}", kind="server_error")
         finally:
-            cancelled.set()
+            stop(rows)
         choices = []
         for row in rows:
             choice: dict[str, Any] = {"index": row.index, "logprobs": logprobs(job, row)}
+            if server.rails is not None:  # the output rails: redacted text, or the refusal
+                d = await in_engine(lambda r=row: server.rails.check_output(r.text.text))
+                if not d.allowed:
+                    choice["finish_reason"] = "content_filter"
+                    if job.chat:
+                        choice["message"] = {"role": "assistant", "content": None, "refusal": d.text}
+                    else:
+                        choice["text"] = d.text
+                    choices.append(choice)
+                    continue
+                row.text.text = d.text
             if job.chat:
                 choice["message"], choice["finish_reason"] = message(job, row)
             else:
@@ -668,8 +741,10 @@ def create_app(server: Server, api_key: str | None = None):  # -> fastapi.FastAP
                 payload = {"index": index, "text": delta or "", "logprobs": lp, "finish_reason": finish}
             return {**base, "choices": [payload], **({"usage": None} if include_usage else {})}
 
-        events, cancelled, rows = start(job)
+        events, rows = start(job)
         sent = {id(r): 0 for r in rows}  # logprob entries already sent
+        rails = {id(r): server.rails.stream() for r in rows} if server.rails is not None else {}
+        ended: set[int] = set()  # rows the output rails ended early
 
         def new_logprobs(row: Row) -> dict[str, Any] | None:
             if job.logprobs is None:
@@ -687,14 +762,36 @@ def create_app(server: Server, api_key: str | None = None):  # -> fastapi.FastAP
             left = len(rows)
             while left:
                 kind, row, piece = await events.get()
+                if id(row) in ended:
+                    continue
+                rail = rails.get(id(row))
                 if kind == "piece":
-                    if not held:
+                    if rail is not None:
+                        piece = rail.push(piece)
+                    if not held and piece:
                         yield _sse(chunk(row, {"content": piece} if chat else piece, None, new_logprobs(row)))
+                    if rail is not None and rail.finished:  # blocked, or cut at the length limit: it ends here
+                        row.cancelled.set()
+                        ended.add(id(row))
+                        left -= 1
+                        blocked = not rail.decision.allowed
+                        if blocked:
+                            yield _sse(chunk(row, {"refusal": rail.decision.text} if chat else "", None))
+                        yield _sse(chunk(row, {} if chat else "", "content_filter" if blocked else "length"))
                     continue
                 left -= 1
                 if row.error:
                     yield _sse(APIError(500, f"generation failed: {row.error}", kind="server_error").body())
                     return
+                if rail is not None:
+                    tail = await in_engine(rail.close)
+                    if not rail.decision.allowed:
+                        yield _sse(chunk(row, {"refusal": rail.decision.text} if chat else "", None))
+                        yield _sse(chunk(row, {} if chat else "", "content_filter"))
+                        continue
+                    row.text.text = rail.sent
+                    if tail and not held:
+                        yield _sse(chunk(row, {"content": tail} if chat else tail, None))
                 finish = row.text.finish_reason
                 if held:
                     msg, finish = message(job, row)
@@ -710,7 +807,7 @@ def create_app(server: Server, api_key: str | None = None):  # -> fastapi.FastAP
                 yield _sse({**base, "choices": [], "usage": usage(job, rows)})
             yield _sse("[DONE]")
         finally:
-            cancelled.set()  # a client that went away frees its rows' slots at the next step
+            stop(rows)  # a client that went away frees its rows' slots at the next step
             release()
 
     return app
@@ -721,8 +818,9 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_concurrency: int = 32, device: str | None = None, dtype: str | None = None, max_rows: int = 64,
-          max_queued: int = 256, max_prompt_chars: int = 100_000, prefill_chunk: int = 256) -> None:
-    """Load a checkpoint and serve it until interrupted."""
+          max_queued: int = 256, max_prompt_chars: int = 100_000, prefill_chunk: int = 256,
+          guardrails: str | None = None) -> None:
+    """Load a checkpoint and serve it until interrupted (with the rails of a guardrails policy file, if given)."""
     import sys
 
     import uvicorn
@@ -734,7 +832,12 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
               "model", file=sys.stderr)
     llm = load(checkpoint, device=device, dtype=dtype)
     llm.tokenizer.check_chat_template()  # a template that does not render is a start-up error, not a 400 per request
+    rails = None
+    if guardrails:
+        from gptlab.guardrails import Guardrails
+
+        rails = Guardrails.load(guardrails, llm=llm)  # a policy with a mistake stops the server before it starts
     server = Server(llm, Path(checkpoint).resolve().name, max_concurrency=max_concurrency,
                     max_prompt_chars=max_prompt_chars, max_rows=max_rows, max_queued=max_queued,
-                    prefill_chunk=prefill_chunk)
+                    prefill_chunk=prefill_chunk, rails=rails)
     uvicorn.run(create_app(server, api_key), host=host, port=port, log_level="info")

@@ -358,7 +358,8 @@ def test_any_value_of_any_verb_option_is_one_line(tmp_path_factory, option, valu
     verb, flag = option
     missing = str(tmp_path_factory.getbasetemp() / "no-such-folder")
     positional = {"presets": [], "prepare": [missing], "pretrain": [], "download": [],
-                  "import": ["hf", missing, missing + "-out"], "export": ["hf", missing, missing + "-out"]}
+                  "import": ["hf", missing, missing + "-out"], "export": ["hf", missing, missing + "-out"],
+                  "ask": [missing, missing, "why?"], "agent": [missing, "why?"]}
     argv = [verb, *positional.get(verb, [missing]), f"{flag}={value}"]
     if verb == "pretrain":
         argv += ["--data", missing, "--out", missing + "-out"]
@@ -391,7 +392,8 @@ def test_a_config_files_value_of_the_wrong_kind_is_one_line(tmp_path, capsys, ve
     ("false" in quotes is a text, not false), a text or number otherwise (a repeatable option: a list of them)."""
     missing = str(tmp_path / "no-such-folder")
     positional = {"presets": [], "prepare": [missing], "pretrain": [], "download": ["a/b"],
-                  "import": ["hf", missing, missing + "-out"], "export": ["hf", missing, missing + "-out"]}
+                  "import": ["hf", missing, missing + "-out"], "export": ["hf", missing, missing + "-out"],
+                  "ask": [missing, missing, "why?"], "agent": [missing, "why?"]}
     (tmp_path / "c.yaml").write_text(json.dumps({key: "false" if switch else {"a": 1}}))
     one_line_error(capsys, [verb, *positional.get(verb, [missing]), "--config", str(tmp_path / "c.yaml")],
                    "must be ")

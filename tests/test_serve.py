@@ -661,3 +661,41 @@ def test_a_429_says_when_to_retry(llm):
     with TestClient(create_app(Server(llm, "tiny", max_rows=8, max_queued=4))) as http:
         r = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "n": 5})
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
+
+
+# -- guardrails on the server -----------------------------------------------------------------------------------
+def test_the_servers_rails_refuse_redact_and_cut_streams(tokenizer, tmp_path):
+    """Input rails refuse in OpenAI's shape (finish_reason content_filter, message.refusal); output rails redact a
+    reply, and end a stream at a blocked phrase that arrives across pieces."""
+    from fastapi.testclient import TestClient
+
+    from gptlab.guardrails import Guardrails
+    from tests.test_agent import scripted_llm
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("refusal: No.\nblocklist: [secret plan, forbidden]\npii: true\n")
+    replies = ["Write to bob@example.com today.", "Here is the secret plan: none.", "Here is the secret plan."]
+    llm = scripted_llm(tokenizer, replies)
+    rails = Guardrails.load(policy)
+    with TestClient(create_app(Server(llm, "tiny", rails=rails))) as http:
+        def ask(content: str, **kw):
+            return http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}],
+                                                           "max_tokens": 40, "temperature": 0, **kw})
+
+        r = ask("tell me the forbidden thing").json()["choices"][0]
+        assert r["finish_reason"] == "content_filter" and r["message"] == {"role": "assistant", "content": None,
+                                                                           "refusal": "No."}
+        r = ask("hello").json()["choices"][0]  # the first reply: its address redacted
+        assert r["message"]["content"] == "Write to [EMAIL] today." and r["finish_reason"] == "stop"
+        r = ask("hello").json()["choices"][0]  # the second: blocked whole
+        assert r["finish_reason"] == "content_filter" and r["message"]["refusal"] == "No."
+        with http.stream("POST", "/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "hi"}], "max_tokens": 40, "temperature": 0,
+                "stream": True}) as s:
+            chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+        shown = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+        assert "secret" not in shown and "Here is the".startswith(shown.strip())  # text before it may go out
+        assert chunks[-1]["choices"][0]["finish_reason"] == "content_filter"
+        assert any(c["choices"][0]["delta"].get("refusal") == "No." for c in chunks)
+        r = http.post("/v1/completions", json={"prompt": "a forbidden prompt", "max_tokens": 3})
+        assert r.json()["choices"][0]["finish_reason"] == "content_filter"

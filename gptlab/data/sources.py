@@ -29,6 +29,7 @@ class Document:
     bytes: int
     chars: int
     read: Callable[[], Iterator[str]]  # the pieces, in order; "".join of them is the document
+    where: str = ""  # the file it is, or FILE:LINE for a JSONL record (what a retrieved passage cites)
 
     def text(self) -> str:
         return "".join(self.read())
@@ -151,7 +152,7 @@ def documents(files: Sequence[tuple[str, Path]], text_field: str = "text",
         if chars:
             report.documents += 1
             report.bytes += size
-            yield Document(size, chars, lambda path=path: file_pieces(path))
+            yield Document(size, chars, lambda path=path: file_pieces(path), str(path))
 
 
 def texts(files: Sequence[tuple[str, Path]], text_field: str = "text") -> Iterator[str]:
@@ -181,7 +182,7 @@ def _jsonl(path: Path, text_field: str, report: SourceReport) -> Iterator[Docume
                 report.documents += 1
                 size = len(text.encode("utf-8"))
                 report.bytes += size
-                yield Document(size, len(text), lambda text=text: pieces(text))
+                yield Document(size, len(text), lambda text=text: pieces(text), f"{path}:{n}")
 
 
 def total_bytes(files: Sequence[tuple[str, Path]]) -> int:

@@ -33,6 +33,7 @@ class Example:
     prompt: str
     completion: str
     messages: list[dict] | None = None  # a conversation (prompt: its last user turn, completion: its last answer)
+    rationale: str | None = None  # a question's worked reasoning (question/answer/rationale records: chain of thought)
 
     @property
     def chat(self) -> bool:
@@ -44,6 +45,10 @@ def _from_record(record: object, where: str, task_token: str | None) -> Example:
         raise ValueError("not a JSON object")
     if "prompt" in record and "completion" in record:
         return Example(str(record["prompt"]), str(record["completion"]))
+    if "question" in record and "answer" in record:
+        rationale = record.get("rationale")
+        return Example(str(record["question"]), str(record["answer"]), rationale=None if rationale is None else
+                       str(rationale))
     if "instruction" in record and "output" in record:
         extra = str(record.get("input") or "")
         prompt = ALPACA.format(ctx=", paired with an input that provides further context" if extra else "",
@@ -53,7 +58,7 @@ def _from_record(record: object, where: str, task_token: str | None) -> Example:
         return _from_chat(record["messages"])
     if isinstance(record.get("text"), str):
         return _from_line(record["text"], task_token)
-    raise ValueError("needs prompt/completion, instruction/output, messages, or text fields")
+    raise ValueError("needs prompt/completion, question/answer, instruction/output, messages, or text fields")
 
 
 def _from_chat(messages: list) -> Example:
