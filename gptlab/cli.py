@@ -273,7 +273,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key,
           max_concurrency=args.max_concurrency, device=args.device, dtype=args.dtype, max_rows=args.max_rows,
           max_queued=args.max_queued, max_prompt_chars=args.max_prompt_chars, prefill_chunk=args.prefill_chunk,
-          guardrails=args.guardrails)
+          guardrails=args.guardrails, index=args.index, index_k=args.index_k)
     return 0
 
 
@@ -785,6 +785,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=POSITIVE, default=256, help="prompt tokens prefilled per step between "
                                                                        "decode steps, so a long prompt does not stall "
                                                                        "the others")
+    p.add_argument("--index", default=None, help="an index folder (gptlab index): passages retrieved into each chat "
+                                                 "request, and the sources in the response")
+    p.add_argument("--index-k", type=POSITIVE, default=4, help="with --index: passages retrieved per request")
     p.add_argument("--guardrails", metavar="POLICY", default=None, help="a guardrails policy file (YAML/JSON): input "
                                                                         "and output rails, see gptlab.guardrails")
     p.add_argument("--max-rows", type=POSITIVE, default=64, help="completions one request may ask for (prompts x n); "

@@ -246,6 +246,7 @@ class Job:
     constraint: str | None = None  # a compiled grammar every row follows
     tools: list[dict[str, Any]] = field(default_factory=list)  # the tools a chat answer may call
     logprobs: int | None = None
+    hits: list[Any] = field(default_factory=list)  # passages retrieved into the prompt (serve --index)
 
     @property
     def rows(self) -> int:
@@ -256,9 +257,11 @@ class Server:
     """The model, its tokenizer, the scheduler and the admission of requests; the FastAPI app is built around one."""
 
     def __init__(self, llm: LLM, model_name: str, max_concurrency: int = 32, max_prompt_chars: int = 100_000,
-                 max_rows: int = 64, max_queued: int = 256, prefill_chunk: int = 256, rails: Any = None) -> None:
+                 max_rows: int = 64, max_queued: int = 256, prefill_chunk: int = 256, rails: Any = None,
+                 index: Any = None, index_k: int = 4) -> None:
         self.llm = llm
         self.rails = rails  # gptlab.guardrails.Guardrails: input rails before generating, output rails after
+        self.index, self.index_k = index, index_k  # gptlab.rag.Index: passages retrieved before each chat answer
         self.model_name = model_name
         self.max_rows = max_rows  # prompts x n of one request: the rows of its batch
         self.max_queued = max_queued  # completions (rows) one client may have running or waiting
@@ -530,12 +533,39 @@ def create_app(server: Server, api_key: str | None = None):  # -> fastapi.FastAP
                     return refused(req, True, refusal.text)
                 if checked != text:
                     req.messages[users[-1]] = Message(role="user", content=checked)
+        hits = await retrieve(req)
         ids = server.encode_chat(req)
         max_tokens = req.max_completion_tokens or req.max_tokens or max(1, server.llm.engine.context - len(ids))
         server.check_length(ids, max_tokens)
         job = Job([ids], req, max_tokens, req.stops() + tok.chat_stop_strings, tok.chat_stop_ids, chat=True,
-                  constraint=grammar, tools=tools, logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+                  constraint=grammar, tools=tools, logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+                  hits=hits)
         return await respond(job, request)
+
+    async def retrieve(req: ChatRequest) -> list[Any]:
+        """With an index: passages for the user's last message, numbered into it as `gptlab ask` numbers them."""
+        users = [i for i, m in enumerate(req.messages) if m.role == "user"]
+        if server.index is None or not users:
+            return []
+        from gptlab.rag.answer import DEFAULT_TEMPLATE, fit, render
+
+        question = req.messages[users[-1]].text()["content"]
+        dense = server.index.vectors is not None
+        found = await in_engine(lambda: server.index.search(question, server.index_k), model=dense)
+        room = req.max_completion_tokens or req.max_tokens or server.llm.engine.context // 2
+        hits = fit(server.llm, DEFAULT_TEMPLATE, question, found, True, room)
+        req.messages[users[-1]] = Message(role="user", content=render(DEFAULT_TEMPLATE, question, hits))
+        return hits
+
+    def sources(job: Job, text: str) -> dict[str, Any]:
+        """The passages a retrieval-augmented answer read and those it cites, beside OpenAI's fields."""
+        if not job.hits:
+            return {}
+        from gptlab.rag.answer import citations
+
+        cited = citations(text, len(job.hits))
+        return {"sources": [{"n": n, **job.hits[n - 1].to_json()} for n in cited],
+                "retrieved": [{"n": n, **h.to_json()} for n, h in enumerate(job.hits, 1)]}
 
     @app.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest) -> dict[str, Any]:
@@ -566,10 +596,12 @@ def create_app(server: Server, api_key: str | None = None):  # -> fastapi.FastAP
         return {"object": "list", "data": data, "model": server.model_name,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
-    async def in_engine(fn: Callable[[], Any]) -> Any:
-        """`fn()` where the model runs: in the engine thread when a rail asks a model to judge (so that no two
-        forwards overlap and the event loop never waits on one), else here."""
-        if server.rails is None or server.rails.judge is None:
+    async def in_engine(fn: Callable[[], Any], model: bool | None = None) -> Any:
+        """`fn()` where the model runs: in the engine thread when it runs a model (a rail's judge, a dense search),
+        so that no two forwards overlap and the event loop never waits on one; else here."""
+        if model is None:
+            model = server.rails is not None and server.rails.judge is not None
+        if not model:
             return fn()
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
@@ -722,7 +754,7 @@ def create_app(server: Server, api_key: str | None = None):  # -> fastapi.FastAP
             else:
                 choice.update(text=row.text.text, finish_reason=row.text.finish_reason)
             choices.append(choice)
-        return {**_base(job.chat), "choices": choices, "usage": usage(job, rows)}
+        return {**_base(job.chat), "choices": choices, "usage": usage(job, rows), **sources(job, rows[0].text.text)}
 
     async def stream(job: Job, release: Callable[[], None]) -> AsyncIterator[str]:
         chat = job.chat
@@ -802,7 +834,7 @@ def create_app(server: Server, api_key: str | None = None):  # -> fastapi.FastAP
                 elif job.logprobs is not None and (lp := new_logprobs(row)) and \
                         lp.get("content" if chat else "tokens"):
                     yield _sse(chunk(row, {} if chat else "", None, lp))
-                yield _sse(chunk(row, {} if chat else "", finish))
+                yield _sse({**chunk(row, {} if chat else "", finish), **sources(job, row.text.text)})
             if include_usage:
                 yield _sse({**base, "choices": [], "usage": usage(job, rows)})
             yield _sse("[DONE]")
@@ -819,7 +851,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_concurrency: int = 32, device: str | None = None, dtype: str | None = None, max_rows: int = 64,
           max_queued: int = 256, max_prompt_chars: int = 100_000, prefill_chunk: int = 256,
-          guardrails: str | None = None) -> None:
+          guardrails: str | None = None, index: str | None = None, index_k: int = 4) -> None:
     """Load a checkpoint and serve it until interrupted (with the rails of a guardrails policy file, if given)."""
     import sys
 
@@ -837,7 +869,16 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
         from gptlab.guardrails import Guardrails
 
         rails = Guardrails.load(guardrails, llm=llm)  # a policy with a mistake stops the server before it starts
+    retrieval = None
+    if index:
+        from gptlab.rag import Index
+
+        retrieval = Index.load(index, device=device)
+        if retrieval.vectors is not None:  # the served model embeds too where it built the index's vectors
+            encoder = retrieval.manifest["dense"]["path"]
+            same = dtype is None and Path(encoder).resolve() == Path(checkpoint).resolve()
+            retrieval.use_encoder(encoder, llm=llm if same else None)
     server = Server(llm, Path(checkpoint).resolve().name, max_concurrency=max_concurrency,
                     max_prompt_chars=max_prompt_chars, max_rows=max_rows, max_queued=max_queued,
-                    prefill_chunk=prefill_chunk, rails=rails)
+                    prefill_chunk=prefill_chunk, rails=rails, index=retrieval, index_k=index_k)
     uvicorn.run(create_app(server, api_key), host=host, port=port, log_level="info")

@@ -40,13 +40,40 @@ class Tool:
                                                  "parameters": self.parameters}}
 
     def __call__(self, arguments: Mapping[str, Any] | str) -> str:
-        """The tool's answer, or the error it met, as text."""
+        """The tool's answer, or the error it met, as text (arguments that do not fit its schema included: a model
+        calling through a server that does not constrain its calls may send any)."""
         if isinstance(arguments, str):
             arguments = {self.argument: arguments}
+        wrong = schema_mismatch(arguments, self.parameters)
+        if wrong:
+            return f"error: the arguments do not fit {self.name}'s schema: {wrong}"
         try:
             return str(self.run(arguments))
         except Exception as e:  # the model reads what went wrong
             return f"error: {type(e).__name__}: {e}"
+
+
+TYPES = {"string": str, "integer": int, "number": int | float, "boolean": bool, "object": dict, "array": list}
+
+
+def schema_mismatch(arguments: Any, schema: Mapping[str, Any]) -> str | None:
+    """Why `arguments` do not fit an object schema of the tools' kind (required names, no others where closed,
+    each of its JSON type), or None where they fit."""
+    if not isinstance(arguments, Mapping):
+        return "they are not a JSON object"
+    props = schema.get("properties", {})
+    missing = [k for k in schema.get("required", []) if k not in arguments]
+    if missing:
+        return f"{missing[0]!r} is missing"
+    extra = [k for k in arguments if k not in props]
+    if extra and schema.get("additionalProperties", True) is False:
+        return f"{extra[0]!r} is not one of its arguments"
+    for name, value in arguments.items():
+        kind = props.get(name, {}).get("type")
+        if kind in TYPES and (not isinstance(value, TYPES[kind]) or kind in ("integer", "number") and
+                              isinstance(value, bool)):
+            return f"{name!r} should be of type {kind}"
+    return None
 
 
 def _one_string(name: str, what: str) -> dict[str, Any]:

@@ -65,6 +65,15 @@ def test_the_python_tool_runs_code_in_a_sandbox(tmp_path):
     assert "MemoryError" in run_python("x = bytearray(2 * 10**9)", memory_mb=200)
 
 
+def test_arguments_that_do_not_fit_a_tools_schema_are_an_error_the_model_reads():
+    calc = calculator()
+    assert calc({"input": "1+1"}) == "2"
+    assert "'input' is missing" in calc({})
+    assert "'x' is not one of its arguments" in calc({"input": "1", "x": 2})
+    assert "should be of type string" in calc({"input": 5})
+    assert "not a JSON object" in calc([1])  # type: ignore[arg-type]
+
+
 def test_tools_are_named_and_python_needs_asking_for():
     assert [t.name for t in make_tools(["calculator"])] == ["calculator"]
     with pytest.raises(GptlabError, match="unknown tool 'web'"):

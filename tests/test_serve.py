@@ -699,3 +699,29 @@ def test_the_servers_rails_refuse_redact_and_cut_streams(tokenizer, tmp_path):
         assert any(c["choices"][0]["delta"].get("refusal") == "No." for c in chunks)
         r = http.post("/v1/completions", json={"prompt": "a forbidden prompt", "max_tokens": 3})
         assert r.json()["choices"][0]["finish_reason"] == "content_filter"
+
+
+def test_a_server_with_an_index_retrieves_before_each_chat_answer(tokenizer, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from gptlab.rag import Index
+    from tests.test_agent import scripted_llm
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("The zorbular engine was built in 1901 by Ada.\n")
+    (tmp_path / "docs" / "b.txt").write_text("Trains leave the station at noon.\n")
+    index = Index.build([str(tmp_path / "docs")], tmp_path / "index", progress=False)
+    llm = scripted_llm(tokenizer, ["It was built in 1901 [1].", "At noon [1]."])
+    with TestClient(create_app(Server(llm, "tiny", index=index, index_k=2))) as http:
+        question = [{"role": "user", "content": "When was the zorbular engine built?"}]
+        body = http.post("/v1/chat/completions", json={"messages": question, "max_tokens": 30,
+                                                       "temperature": 0}).json()
+        assert body["choices"][0]["message"]["content"] == "It was built in 1901 [1]."
+        assert [s["source"].endswith("a.txt") for s in body["sources"]] == [True]
+        assert body["retrieved"][0]["passage"].startswith("The zorbular engine")
+        alone = len(llm.tokenizer.encode_chat(question))
+        assert body["usage"]["prompt_tokens"] > alone + 10  # the passages went into the prompt
+        with http.stream("POST", "/v1/chat/completions", json={"messages": [{"role": "user", "content": "trains?"}],
+                                                               "max_tokens": 30, "stream": True}) as s:
+            chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+        assert chunks[-1]["sources"][0]["source"].endswith("b.txt")
