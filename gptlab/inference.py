@@ -5,6 +5,9 @@ in float32, oneDNN without a prepacked weight in bfloat16. Handing oneDNN a weig
 blocked layout, as `torch.compile` does when it freezes a model, gives the same products several times faster
 (measured on 2 cores, benchmarks/generate.py: the 50257 x 768 head 8.7 ms -> 2.7 ms in float32 and 3.0 ms -> 0.9 ms
 in bfloat16). Decoding is bound by reading the weights, so this is where gptlab's decode speed comes from.
+
+A quantized model's layers go to kernels that multiply with their codes directly (`gptlab.quant.kernels`): they read
+a quarter or an eighth of the float32 bytes, and compute in bfloat16.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 from torch import nn
 
 from gptlab.model import GPT
+from gptlab.quant.kernels import fuse_quantized
 
 
 def packing_available(weight: torch.Tensor) -> bool:
@@ -45,13 +49,18 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed for oneDNN"
 
 
-def prepare_for_inference(model: GPT) -> GPT:
-    """Put `model` in eval mode and, on an x86 CPU, swap its Linear layers for prepacked ones.
+def prepare_for_inference(model: GPT, quantized_kernels: bool = True) -> GPT:
+    """Put `model` in eval mode, swap its quantized layers for kernels on the CPU and, on an x86 CPU, its Linear
+    layers for prepacked ones.
 
-    The swap makes the model inference-only (no gradients through the packed layers) and gives a tied output head its
-    own packed copy. Logits change only by rounding (about 1e-6 in float32).
+    The swap makes the model inference-only (no gradients through the swapped layers) and gives a tied output head its
+    own packed copy. Logits change only by rounding: about 1e-6 in float32 for the packed layers, while the quantized
+    kernels compute in bfloat16 (tests bound the logits against the dequantized model). `quantized_kernels=False`
+    keeps the quantized layers' own products: slower, but what the dequantized model computes, in its dtype.
     """
     model.eval()
+    if quantized_kernels:
+        fuse_quantized(model)
     if not packing_available(model.transformer.wte.weight):
         return model
     with torch.no_grad():

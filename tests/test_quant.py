@@ -1,5 +1,6 @@
-"""Quantization against bitsandbytes and independent references, quantized checkpoints through every verb, QLoRA
-equal to LoRA on the dequantized base, and one clear line for each bad input."""
+"""Quantization against bitsandbytes and independent references, quantized checkpoints through every verb, the
+inference kernels against the dequantized model, QLoRA equal to LoRA on the dequantized base, and one clear line for
+each bad input."""
 
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ from gptlab.checkpoint import load_checkpoint, save_checkpoint
 from gptlab.cli import main
 from gptlab.config import ModelConfig
 from gptlab.generate import Engine, SamplingParams
+from gptlab.inference import prepare_for_inference
 from gptlab.model import GPT
 from gptlab.peft.lora import LoRA, LoRALinear, QLoRA
-from gptlab.quant import formats
+from gptlab.quant import formats, kernels
 from gptlab.quant.formats import LEVELS, QuantSpec, dequantize, quantize
+from gptlab.quant.kernels import Bnb4bitLinear, FusedQuantLinear, Int8Linear, TinygemmLinear, kernel_for
 from gptlab.quant.layers import QuantLinear, dequantize_model, quantize_model
 
 F = pytest.importorskip("bitsandbytes.functional")
@@ -158,10 +161,11 @@ def test_quantized_folder_works_in_generate_evaluate_api_and_bf16(ckpt, tmp_path
     assert (out / "model.safetensors").stat().st_size < 0.5 * (ckpt / "model.safetensors").stat().st_size
     assert not list(out.glob("*.pt")) and not list(out.glob("*.bin"))  # no pickles
     assert main(["generate", str(out), "--prompt", "The train", "--max-new-tokens", "5", "--temperature", "0"]) == 0
-    llm = gptlab.load(out, device="cpu", dtype="bf16")
-    layer = llm.model.transformer.h[0].mlp.c_fc
+    layer = load_checkpoint(out, dtype=torch.bfloat16)[0].transformer.h[0].mlp.c_fc
     assert isinstance(layer, QuantLinear) and layer.dtype == torch.bfloat16
     assert layer.absmax.dtype == torch.uint8 and layer.nested_absmax.dtype == torch.float32  # scales keep float32
+    llm = gptlab.load(out, device="cpu", dtype="bf16")
+    assert isinstance(llm.model.transformer.h[0].mlp.c_fc, Bnb4bitLinear if BNB_CPU_KERNEL else QuantLinear)
     assert isinstance(llm.generate("The train", max_new_tokens=4, temperature=0), str)
     text = tmp_path / "text"
     text.mkdir()
@@ -173,6 +177,86 @@ def test_quantized_folder_works_in_generate_evaluate_api_and_bf16(ckpt, tmp_path
     assert main(["evaluate", str(out), "--data", str(data), "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["perplexity"] > 1
+
+
+BNB_CPU_KERNEL = kernels.bnb_kernel_known()  # bitsandbytes registers its fused 4-bit CPU kernel on AVX-512 BF16 CPUs
+KERNELS = [(QuantSpec("int8"), Int8Linear), (QuantSpec("int8", 32), TinygemmLinear),
+           (QuantSpec("int4", 32), TinygemmLinear), (QuantSpec("int4", 64, True), TinygemmLinear),
+           (QuantSpec("nf4", 64), Bnb4bitLinear if BNB_CPU_KERNEL else QuantLinear),
+           (QuantSpec("fp4", 32, True), Bnb4bitLinear if BNB_CPU_KERNEL else QuantLinear)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("spec", "kind"), KERNELS, ids=[str(s) for s, _ in KERNELS])
+def test_inference_kernels_compute_what_the_dequantized_model_does(ckpt, spec, kind, dtype, monkeypatch):
+    """Prepared for inference, every quantized layer runs on its kernel, in bf16 whatever the model's dtype: its
+    logits stay within 0.5% of their range of the dequantized model's (1% in a bf16 model, whose dequantized copy
+    rounds too; measured 0.15% and 0.4-0.5%), on the kernel and on the rebuilt weight that many rows take, within
+    the scheme's bound of the float model, and its greedy tokens are the dequantized model's wherever the top two
+    logits are further apart than twice the largest deviation."""
+    original, tokenizer = load_checkpoint(ckpt)
+    quantized = quantize_model(copy.deepcopy(original), spec).to(dtype)
+    floated = dequantize_model(copy.deepcopy(quantized))
+    prepared = prepare_for_inference(quantized)
+    layers = [m for m in prepared.modules() if isinstance(m, (QuantLinear, FusedQuantLinear))]
+    assert len(layers) == 4 * original.config.n_layer and all(type(m) is kind for m in layers)
+    prompt = tokenizer.encode("The train left")
+    greedy = SamplingParams(temperature=0.0)
+    ours = [int(t) for t in Engine(floated).generate_ids([prompt], 24, greedy)]
+    sequence = torch.tensor([prompt + ours])
+    with torch.no_grad():
+        want, float_logits = (m(sequence)[0].float() for m in (floated, original))  # (T, vocab)
+        paths = []
+        for max_rows in (10**6, 0):  # every product on the kernel, then every one on the rebuilt weight
+            monkeypatch.setattr(kind, "max_rows", max_rows, raising=False)  # (QuantLinear: no such switch)
+            paths.append(prepared(sequence)[0].float())
+        monkeypatch.undo()
+    bound = (0.005 if dtype == torch.float32 else 0.01) * want.abs().max()
+    for got in paths:
+        assert (got - want).abs().max() <= bound
+        torch.testing.assert_close(got, float_logits, atol=0.05 if spec.scheme == "int8" else 0.5, rtol=0)
+    got = paths[0]
+    deviation = (got - want).abs().amax(-1)  # (T,)
+    top2 = want.topk(2, dim=-1).values  # (T, 2)
+    clear = top2[:, 0] - top2[:, 1] > 2 * deviation
+    assert clear.sum() >= len(ours) // 2 and torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
+    near = torch.nonzero(~clear[len(prompt) - 1: -1]).flatten()  # greedy steps where a near-tie could flip
+    steps = int(near[0]) if len(near) else len(ours)
+    assert [int(t) for t in Engine(prepared).generate_ids([prompt], steps, greedy)] == ours[:steps]
+
+
+def test_layers_no_kernel_takes_keep_their_own_product(ckpt):
+    """A group size or width that no kernel takes, or kernels turned off, leaves QuantLinear: the dequantized model's
+    numbers."""
+    model, _ = load_checkpoint(ckpt)
+    quantized = quantize_model(copy.deepcopy(model), QuantSpec("int4", 16))
+    floated = dequantize_model(copy.deepcopy(quantized))
+    for prepared in (prepare_for_inference(quantized),
+                     prepare_for_inference(quantize_model(copy.deepcopy(model), QuantSpec("int8")),
+                                           quantized_kernels=False)):
+        assert not any(isinstance(m, FusedQuantLinear) for m in prepared.modules())
+    idx = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(quantized(idx), floated(idx), atol=1e-5, rtol=1e-5)
+    narrow = QuantLinear.from_linear(torch.nn.Linear(40, 32), QuantSpec("int8"))  # the int8 kernel needs 16 | width
+    assert kernel_for(narrow) is None and kernel_for(QuantLinear.from_linear(torch.nn.Linear(48, 32),
+                                                                             QuantSpec("int8"))) is Int8Linear
+
+
+def test_kernel_layouts_are_the_kernels_own_and_read_back():
+    """bitsandbytes' CPU layout as its own converter writes it; both layouts read back to the codes (the weight that
+    many rows rebuild)."""
+    codes = torch.randint(0, 16, (128, 96), dtype=torch.uint8)  # (out, in)
+    assert torch.equal(kernels.bnb_stored_layout(kernels.bnb_cpu_layout(codes)), formats.pack_nibbles(codes))
+    if hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+        assert torch.equal(kernels.tinygemm_codes(packed, 128, 96), codes)
+    convert = getattr(F, "_convert_weight_packed_for_cpu", None)
+    if convert is None:
+        pytest.skip("this bitsandbytes has no CPU layout")
+    q, state = F.quantize_4bit(weight(64, 128), blocksize=64, quant_type="nf4")
+    packed, state = convert(q.clone(), state)
+    assert torch.equal(kernels.bnb_cpu_layout(formats.unpack_nibbles(q.view(64, 64))), packed)
 
 
 def test_streaming_quantized_load_equals_quantizing_after_load(ckpt):
