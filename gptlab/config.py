@@ -85,7 +85,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm: str = "layernorm"  # or "rmsnorm"
     norm_offset: bool = False  # RMSNorm scales by (1 + weight), as Gemma
-    mlp: str = "gelu"  # "gelu" (GPT-2), "swiglu" (Llama, Mistral) or "geglu" (Gemma)
+    mlp: str = "gelu"  # "gelu" (GPT-2), "swiglu" (Llama, Mistral), "geglu" (Gemma) or "relu2" (ReLU squared: Primer,
+    #     modded-nanogpt's speedrun)
     n_kv_head: int | None = None  # grouped-query attention: key/value heads; None means n_head
     head_size: int | None = None  # per-head width when it is not n_embd / n_head (Gemma 7B)
     sliding_window: int | None = None  # each query sees at most this many positions back (Mistral)
@@ -141,6 +142,11 @@ class ModelConfig:
         return self.sliding_window if self.layer_type(layer) == "sliding_attention" else None
 
     @property
+    def gated(self) -> bool:
+        """Whether the MLP multiplies a gate by an up projection (two matrices in `c_fc`)."""
+        return self.mlp in ("swiglu", "geglu")
+
+    @property
     def hidden_dim(self) -> int:
         return self.mlp_hidden if self.mlp_hidden is not None else 4 * self.n_embd
 
@@ -148,7 +154,7 @@ class ModelConfig:
         """The parameter count from the shape alone (the weight matrices, without norms and biases): what can be
         checked against a file or the memory before a model is built."""
         d, q, kv = self.n_embd, self.n_head * self.head_dim, self.kv_heads * self.head_dim
-        mlp = (2 if self.mlp == "gelu" else 3) * d * self.hidden_dim
+        mlp = (3 if self.gated else 2) * d * self.hidden_dim
         embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         positions = self.block_size * d if self.pos == "learned" else 0
         return self.n_layer * (2 * d * q + 2 * d * kv + mlp) + embeddings + positions
@@ -171,7 +177,7 @@ class ModelConfig:
         if self.n_head % self.kv_heads:
             raise GptlabError(f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head ({self.kv_heads})")
         for name, allowed in (("pos", ("learned", "rope")), ("norm", ("layernorm", "rmsnorm")),
-                              ("mlp", ("gelu", "swiglu", "geglu"))):
+                              ("mlp", ("gelu", "swiglu", "geglu", "relu2"))):
             if getattr(self, name) not in allowed:
                 raise GptlabError(f"model.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:

@@ -178,13 +178,13 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GPT-2's GELU MLP, or a gated one (SwiGLU for Llama and Mistral, GeGLU for Gemma) whose `c_fc` holds the gate
-    and the up projection side by side."""
+    """GPT-2's GELU MLP, ReLU squared (the speedrun's: sparse and cheap), or a gated one (SwiGLU for Llama and Mistral,
+    GeGLU for Gemma) whose `c_fc` holds the gate and the up projection side by side."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.kind = config.mlp
-        gated = 2 if config.mlp in ("swiglu", "geglu") else 1
+        gated = 2 if config.gated else 1
         self.c_fc = nn.Linear(config.n_embd, gated * config.hidden_dim, bias=config.bias)
         self.c_proj = nn.Linear(config.hidden_dim, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
@@ -193,6 +193,8 @@ class MLP(nn.Module):
         h = self.c_fc(x)  # (B, T, hidden) or (B, T, 2 * hidden)
         if self.kind == "gelu":
             h = F.gelu(h, approximate="tanh")
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
         else:
             gate, up = h.chunk(2, dim=-1)
             h = (F.silu(gate) if self.kind == "swiglu" else F.gelu(gate, approximate="tanh")) * up

@@ -436,7 +436,7 @@ def test_eight_bit_adamw_trains_and_resumes_exactly(capsys, hf_pair, tmp_path):
     # matrices of 4096 weights or more keep 8-bit moments (bitsandbytes' threshold); smaller ones stay 32-bit
     assert any(t.dtype == torch.uint8 for t in tensors(saved["optimizer"]["state"]))
     code, err = finetune(capsys, ckpt, data, tmp_path / "c", "--method=lora", "--train.optimizer=sgd")
-    assert code == 2 and "train.optimizer must be one of adamw, adamw8bit" in err
+    assert code == 2 and "train.optimizer must be one of adamw, muon, adamw8bit" in err
 
 
 def test_a_prepared_token_folder_is_continued_pretraining(hf_pair, tmp_path, capsys):

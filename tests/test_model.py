@@ -75,3 +75,11 @@ def test_untied_head_and_no_bias_run():
     assert model.lm_head.weight is not model.transformer.wte.weight
     assert all(not n.endswith("bias") for n, _ in model.named_parameters())
     assert model(torch.randint(0, 50, (1, 5))).shape == (1, 5, 50)
+
+
+def test_relu_squared_mlp():
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=50, mlp="relu2")
+    mlp = GPT(cfg).transformer.h[0].mlp
+    x = torch.randn(2, 3, 16)
+    torch.testing.assert_close(mlp(x), mlp.c_proj(torch.relu(mlp.c_fc(x)) ** 2))
+    assert mlp.c_fc.out_features == 64  # one matrix, not a gate and an up projection

@@ -55,10 +55,11 @@ def losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
-def test_stopped_and_resumed_equals_uninterrupted(data, tmp_path):
-    train(make_run(data, tmp_path / "full", max_steps=8, lr_decay_steps=8))
-    train(make_run(data, tmp_path / "split", max_steps=4, lr_decay_steps=8))
-    train(make_run(data, tmp_path / "split", resume=True, max_steps=8, lr_decay_steps=8))
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_stopped_and_resumed_equals_uninterrupted(data, tmp_path, optimizer):
+    train(make_run(data, tmp_path / "full", max_steps=8, lr_decay_steps=8, optimizer=optimizer))
+    train(make_run(data, tmp_path / "split", max_steps=4, lr_decay_steps=8, optimizer=optimizer))
+    train(make_run(data, tmp_path / "split", resume=True, max_steps=8, lr_decay_steps=8, optimizer=optimizer))
     assert losses(tmp_path / "split") == losses(tmp_path / "full")
     assert len(losses(tmp_path / "full")) == 8
     a = (tmp_path / "full" / "model.safetensors").read_bytes()
@@ -112,6 +113,78 @@ def test_torchrun_two_processes_match_one(data, tmp_path, strategy, loss_chunk):
     assert one_l.keys() == two_l.keys()
     for step in one_l:
         assert two_l[step] == pytest.approx(one_l[step], rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_muon_under_torchrun_matches_one_process_and_resumes(data, tmp_path, strategy):
+    """Muon orthogonalizes whole matrices: under FSDP2 each process holds a shard, and the update is still the whole
+    matrix's; its momentum saves (gathered) and resumes (sharded again) as AdamW's moments do."""
+    common = ["--train.lr_decay_steps=4", "--train.grad_accum=2", f"--train.distributed={strategy}",
+              "--model.dropout=0.0", "--train.loss_chunk=0", "--train.optimizer=muon", "--train.save_every=2"]
+    subprocess.run(pretrain_cmd(data, tmp_path / "one", *common, "--train.max_steps=4"), check=True,
+                   capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    for extra in (["--train.max_steps=2"], ["--train.max_steps=4", "--resume"]):
+        two = subprocess.run([*torchrun, *pretrain_cmd(data, tmp_path / "two", *common, *extra)[1:]],
+                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert two.returncode == 0, two.stderr[-3000:]
+    one_l, two_l = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert one_l.keys() == two_l.keys() == {1, 2, 3, 4}
+    for step in one_l:
+        assert two_l[step] == pytest.approx(one_l[step], rel=1e-5, abs=1e-5)
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    from gptlab.model import GPT
+    from gptlab.train.optim import MuonAdamW, build_optimizer
+
+    model = GPT(model_config({**TINY, "tie_embeddings": False}, 40))
+    opt = build_optimizer(list(model.named_parameters()), TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.02),
+                          torch.device("cpu"))
+    assert isinstance(opt, MuonAdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for g in opt.param_groups if g.get("muon") for p in g["params"]}
+    assert muon == {n for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2}
+    assert {names[id(p)] for g in opt.adamw.param_groups for p in g["params"]} == set(names.values()) - muon
+    assert [g["lr_scale"] for g in opt.param_groups] == [20.0, 1.0, 1.0]  # the schedule scales Muon's peak
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="this PyTorch has no torch.optim.Muon")
+def test_muon_updates_are_torch_muons():
+    from gptlab.model import GPT
+    from gptlab.train.optim import MuonAdamW
+
+    ours, theirs = GPT(model_config(TINY, 40)), GPT(model_config(TINY, 40))
+    theirs.load_state_dict(ours.state_dict())
+    opt = MuonAdamW(list(ours.named_parameters()), TrainConfig(lr=1e-3, muon_lr=0.02, muon_weight_decay=0.1),
+                    fused=False)
+    matrices = [p for n, p in theirs.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2]
+    ref = torch.optim.Muon(matrices, lr=0.02, weight_decay=0.1, momentum=0.95)
+    for _ in range(3):
+        for a, b in zip(ours.parameters(), theirs.parameters()):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        opt.step()
+        ref.step()
+    got = [p for n, p in ours.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2]
+    assert all(torch.equal(a, b) for a, b in zip(got, matrices))
+
+
+def test_wsd_schedule_is_flat_then_a_straight_line_to_the_floor():
+    """Warm-up, the peak held, then the last cooldown_fraction of the steps after warm-up falling linearly to min_lr
+    (the speedrun's schedule), and the floor after decay_steps; the cosine stays the default."""
+    from gptlab.train.optim import lr_at
+
+    cfg = TrainConfig(max_steps=110, warmup_steps=10, lr=1.0, min_lr=0.1, schedule="wsd", cooldown_fraction=0.4)
+    lrs = [lr_at(s, cfg) for s in range(120)]
+    assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert lrs[10:70] == pytest.approx([1.0] * 60)  # 100 steps after warm-up: 60 flat ...
+    assert lrs[80] == pytest.approx(0.1 + 0.75 * 0.9) and lrs[100] == pytest.approx(0.1 + 0.25 * 0.9)  # ... 40 down
+    assert lrs[110:] == pytest.approx([0.1] * 10)
+    cosine = TrainConfig(max_steps=110, warmup_steps=10, lr=1.0, min_lr=0.1)
+    assert lr_at(60, cosine) == pytest.approx(0.55)
+    with pytest.raises(GptlabError, match="train.schedule"):
+        TrainConfig(schedule="linear")
 
 
 # -- the config contract ---------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ def hf_parts(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
 def part_sizes(layer: str, cfg: ModelConfig) -> list[int]:
     """Output rows of each Hugging Face part of a gptlab layer (`attn.c_attn`, ...): GPT-2's layers are one part."""
     q, kv = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-    gated = cfg.mlp != "gelu"
+    gated = cfg.gated
     sizes = {"attn.c_attn": [q, kv, kv], "attn.c_proj": [cfg.n_embd], "mlp.c_proj": [cfg.n_embd],
              "mlp.c_fc": [cfg.hidden_dim] * (2 if gated else 1)}[layer]
     return [sum(sizes)] if cfg.pos == "learned" or len(hf_parts(cfg)[layer]) == 1 else sizes

@@ -18,7 +18,7 @@ from typing import Any
 from gptlab.config import ModelConfig, check_fields
 from gptlab.errors import GptlabError
 
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
+OPTIMIZERS = ("adamw", "muon", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 
 
 @dataclass
@@ -29,12 +29,19 @@ class TrainConfig:
     lr: float | None = None  # None: 6e-4 for pretraining, the method's own for fine-tuning (gptlab finetune --help)
     min_lr: float | None = None  # the floor of the cosine; None means lr / 10
     warmup_steps: int | None = None  # None: a tenth of max_steps, at most 100
-    lr_decay_steps: int | None = None  # where the cosine reaches min_lr; None means max_steps
+    lr_decay_steps: int | None = None  # where the decay reaches min_lr; None means max_steps
+    schedule: str = "cosine"  # after warm-up: cosine (down to min_lr), or wsd (flat, then linear to min_lr over the
+    # last cooldown_fraction of the decay steps: the speedrun's)
+    cooldown_fraction: float = 0.4  # wsd: the share of the steps (after warm-up) that cools down
     weight_decay: float = 0.1
     beta1: float = 0.9  # AdamW's first-moment decay
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
-    optimizer: str = "adamw"  # adamw (PyTorch), or bitsandbytes' adamw8bit, paged_adamw, paged_adamw8bit
+    optimizer: str = "adamw"  # adamw (PyTorch); muon (Muon for the blocks' matrices, AdamW for the rest); or
+    # bitsandbytes' adamw8bit, paged_adamw, paged_adamw8bit
+    muon_lr: float = 0.02  # Muon's peak learning rate (train.optimizer muon); the schedule scales it as it scales lr
+    muon_momentum: float = 0.95  # Muon's (Nesterov) momentum
+    muon_weight_decay: float = 0.0  # Muon's decoupled weight decay: each step shrinks the matrices by its lr times this
     log_every: int = 10
     eval_every: int = 100  # 0 disables evaluation
     eval_steps: int = 20
@@ -53,8 +60,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_fields(self, "train")
         at_least(self, "train", 1, "max_steps", "batch_size", "grad_accum", "eval_steps", "log_every", "threads")
-        at_least(self, "train", 0, "weight_decay", "grad_clip", "min_lr")
-        for name in ("beta1", "beta2"):
+        at_least(self, "train", 0, "weight_decay", "grad_clip", "min_lr", "muon_weight_decay")
+        if not self.muon_lr > 0:
+            raise GptlabError(f"train.muon_lr must be > 0, got {self.muon_lr}")
+        for name in ("beta1", "beta2", "muon_momentum"):
             if not 0 <= getattr(self, name) < 1:
                 raise GptlabError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.device is not None:
@@ -70,6 +79,10 @@ class TrainConfig:
             raise GptlabError(f"train.lr must be > 0, got {self.lr}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise GptlabError(f"train.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.schedule not in ("cosine", "wsd"):
+            raise GptlabError(f"train.schedule must be cosine or wsd, got {self.schedule!r}")
+        if not 0 < self.cooldown_fraction <= 1:
+            raise GptlabError(f"train.cooldown_fraction must be in (0, 1], got {self.cooldown_fraction}")
         if self.optimizer not in OPTIMIZERS:
             raise GptlabError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.distributed not in ("ddp", "fsdp"):

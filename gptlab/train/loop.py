@@ -227,10 +227,12 @@ def _train(run: Run, cfg: TrainConfig, d: distributed.Dist) -> dict[str, Any]:
     try:
         t_start = t_last = time.perf_counter()  # elapsed_s counts from this (re)start
         t_paused = 0.0
+        t_aside = 0.0  # evaluation and saving so far: train_s leaves them out (the time to a loss, however often
+        # it is measured)
         for step in range(start, cfg.max_steps):
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's groups: its own peak, the same schedule
             run.method.begin_step(model, step)
             loss_sum, tokens, stats = train_step(
                 forward, wrapped, optimizer, scaler, params, cfg, d,
@@ -267,7 +269,8 @@ def _train(run: Run, cfg: TrainConfig, d: distributed.Dist) -> dict[str, Any]:
                 if metrics:
                     ppl = {} if val_stats else {"val_ppl": round(math.exp(min(val, 50)), 3)}  # of a next-token loss
                     metrics.log(step=done, val_loss=round(val, 6), **ppl,
-                                elapsed_s=round(time.perf_counter() - t_start, 2), **val_stats)
+                                elapsed_s=round(time.perf_counter() - t_start, 2),
+                                train_s=round(t_pause - t_start - t_aside, 2), **val_stats)
                     metrics.plot()
                 if d.main and run.progress:
                     bar.write(f"step {done}: val loss {val:.4f}" + (
@@ -278,6 +281,7 @@ def _train(run: Run, cfg: TrainConfig, d: distributed.Dist) -> dict[str, Any]:
                 save(done)
                 last_saved = done
             t_paused += time.perf_counter() - t_pause
+            t_aside += time.perf_counter() - t_pause
         distributed.barrier(d)  # the main process's last save is done before any process tears the group down
     finally:
         bar.close()
