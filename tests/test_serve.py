@@ -135,24 +135,10 @@ def test_sixteen_concurrent_streams_equal_their_sequential_results(client):
     assert concurrent == sequential
 
 
-def test_a_client_that_disconnects_frees_its_slot(client, server):
-    """Streams dropped after their first chunk stop generating (their runs end early, freeing the slots), and new
-    requests complete."""
-    before = server.abandoned
-    for _ in range(2):
-        stream = client.completions.create(model="tiny", prompt="x", max_tokens=120, temperature=1.0, stream=True)
-        next(iter(stream))
-        stream.close()
-    deadline = time.time() + 10
-    while server.abandoned < before + 2 and time.time() < deadline:
-        time.sleep(0.01)
-    assert server.abandoned == before + 2
-    r = client.completions.create(model="tiny", prompt="y", max_tokens=5, temperature=0, timeout=20)
-    assert r.choices[0].text is not None
-
-
-def test_a_waiting_client_that_goes_away_stops_its_generation(tokenizer):
-    """A non-streaming request whose connection closes is noticed while it generates and its rows are dropped."""
+@pytest.fixture(scope="module")
+def endless(tokenizer):
+    """A server on a model that, greedy, never writes an end-of-text token, so that a row ends before max_tokens only
+    because its client went away: (server, port). (Sampled, its end-of-text token has a chance of e^-10 a step.)"""
     import uvicorn
 
     from tests.test_agent import Scripted
@@ -164,18 +150,50 @@ def test_a_waiting_client_that_goes_away_stops_its_generation(tokenizer):
     threading.Thread(target=http.run, daemon=True).start()
     while not http.started:
         time.sleep(0.02)
-    body = json.dumps({"prompt": "x", "max_tokens": 2000, "n": 3, "temperature": 1.0}).encode()
+    yield server, port
+    http.should_exit = True
+
+
+def wait_until_idle(server: Server, seconds: float = 20) -> None:
+    deadline = time.time() + seconds
+    while any(server.scheduler.running) and time.time() < deadline:
+        time.sleep(0.02)
+
+
+def test_a_client_that_disconnects_frees_its_slot(endless):
+    """Streams dropped after their first chunk stop generating (their rows are dropped at the next step, freeing the
+    slots), and new requests complete."""
+    server, port = endless
+    wait_until_idle(server)
+    before = server.abandoned
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+    for _ in range(2):
+        stream = client.completions.create(model="tiny", prompt="x", max_tokens=2000, temperature=0, stream=True)
+        next(iter(stream))
+        stream.close()
+    deadline = time.time() + 20
+    while server.abandoned < before + 2 and time.time() < deadline:
+        time.sleep(0.01)
+    assert server.abandoned == before + 2 and not any(server.scheduler.running)
+    r = client.completions.create(model="tiny", prompt="y", max_tokens=5, temperature=0, timeout=20)
+    assert r.choices[0].text == "xxxxx" and r.choices[0].finish_reason == "length"
+
+
+def test_a_waiting_client_that_goes_away_stops_its_generation(endless):
+    """A non-streaming request whose connection closes is noticed while it generates and its rows are dropped."""
+    server, port = endless
+    wait_until_idle(server)
+    before, steps = server.abandoned, server.scheduler.steps
+    body = json.dumps({"prompt": "x", "max_tokens": 2000, "n": 3, "temperature": 0}).encode()
     with socket.create_connection(("127.0.0.1", port)) as s:
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         deadline = time.time() + 20
-        while server.scheduler.steps < 5 and time.time() < deadline:  # generating before the client goes
+        while server.scheduler.steps < steps + 5 and time.time() < deadline:  # generating before the client goes
             time.sleep(0.01)
-    deadline = time.time() + 20
-    while any(server.scheduler.running) and time.time() < deadline:
-        time.sleep(0.02)
-    assert not any(server.scheduler.running) and server.abandoned == 3 and server.scheduler.steps < 1900
-    http.should_exit = True
+    wait_until_idle(server)
+    assert not any(server.scheduler.running) and server.abandoned == before + 3
+    assert server.scheduler.steps < steps + 1900
 
 
 def post(base_url: str, path: str, body: bytes | str, key: str | None = KEY) -> tuple[int, dict]:
