@@ -114,6 +114,8 @@ class ModelConfig:
         self.validate()
         if self.head_size and self.head_size * self.n_head == self.n_embd:
             self.head_size = None  # one spelling for one shape, so that equal shapes compare equal
+        if self.n_kv_head == self.n_head:
+            self.n_kv_head = None  # (a model trained with n_kv_head unset exports as one read back with it set)
 
     @property
     def head_dim(self) -> int:

@@ -116,6 +116,28 @@ def test_family_matches_transformers_both_ways(tmp_path, tokenizer, kind):
         torch.testing.assert_close(again(idx).logits, want, atol=1e-5, rtol=1e-5)
 
 
+def test_a_model_trained_here_in_a_family_shape_exports_as_that_family(tmp_path, tokenizer):
+    """The speedrun recipe's shape with a SwiGLU MLP (rotary, RMSNorm, per-head QK-norm, no biases, an untied head,
+    n_kv_head left unset) is Qwen3's: it exports as Qwen3 with transformers' logits equal to ours."""
+    from transformers import AutoModelForCausalLM
+
+    from gptlab.checkpoint import save_checkpoint
+    from gptlab.config import ModelConfig
+    from gptlab.model import GPT
+
+    cfg = ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=64, vocab_size=tokenizer.vocab_size, bias=False,
+                      pos="rope", norm="rmsnorm", qk_norm="head", mlp="swiglu", mlp_hidden=88, tie_embeddings=False)
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    export_hf(tmp_path / "ckpt", tmp_path / "out")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(hf).__name__ == "Qwen3ForCausalLM"
+    idx = torch.randint(0, tokenizer.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx), atol=1e-5, rtol=1e-5)
+
+
 _OTHER_METHODS = ("full", "prefix", "prompt", "adapter", "llama-adapter")
 _SCHEMES = ("int4", "fp4")
 

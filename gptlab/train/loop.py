@@ -240,6 +240,11 @@ def _train(run: Run, cfg: TrainConfig, d: distributed.Dist) -> dict[str, Any]:
                                                         model_cfg.block_size), run.method.loss)
 
             done = step + 1
+            if cfg.compile and done == start + 1 and d.main and run.progress:
+                from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+                bar.write(f"step {done} took {time.perf_counter() - t_start:.1f} s with torch.compile's compilation; "
+                          f"its cache ({cache_dir()}; TORCHINDUCTOR_CACHE_DIR moves it) lets the next run start warm")
             tokens_seen += tokens
             tokens_since_log += tokens
             loss_value = distributed.mean(loss_sum, d).item()
@@ -380,3 +385,4 @@ def evaluate(forward: torch.nn.Module, data: Batches, cfg: TrainConfig, model_cf
     forward.train()
     return (distributed.mean(total / cfg.eval_steps, d).item(),
             {k: distributed.mean(v, d).item() for k, v in stats.items()})
+
