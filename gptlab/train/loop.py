@@ -385,4 +385,3 @@ def evaluate(forward: torch.nn.Module, data: Batches, cfg: TrainConfig, model_cf
     forward.train()
     return (distributed.mean(total / cfg.eval_steps, d).item(),
             {k: distributed.mean(v, d).item() for k, v in stats.items()})
-
