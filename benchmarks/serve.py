@@ -80,46 +80,52 @@ def main() -> None:
                 if proc.poll() is not None:
                     sys.exit("gptlab serve exited before it answered")
                 time.sleep(0.1)
+        else:
+            proc.terminate()
+            sys.exit("gptlab serve did not answer within a minute")
         stop = proc.terminate
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
 
-    served = client.models.list().data[0].id
+        served = client.models.list().data[0].id
 
-    def one(i: int) -> tuple[float, int]:
-        """(time to first token, tokens generated) of one streamed request."""
-        t0 = time.perf_counter()
-        first, tokens = None, 0
-        for chunk in client.completions.create(model=served, prompt=f"def function_{i}(", max_tokens=args.max_tokens,
+        def one(i: int) -> tuple[float, int]:
+            """(time to first token, tokens generated) of one streamed request."""
+            t0 = time.perf_counter()
+            first, tokens = None, 0
+            stream = client.completions.create(model=served, prompt=f"def function_{i}(", max_tokens=args.max_tokens,
                                                temperature=0.8, seed=i, stream=True,
-                                               stream_options={"include_usage": True}):
-            if first is None and chunk.choices and chunk.choices[0].text:
-                first = time.perf_counter() - t0
-            if chunk.usage is not None:
-                tokens = chunk.usage.completion_tokens
-        return first if first is not None else time.perf_counter() - t0, tokens
+                                               stream_options={"include_usage": True})
+            for chunk in stream:
+                if first is None and chunk.choices and chunk.choices[0].text:
+                    first = time.perf_counter() - t0
+                if chunk.usage is not None:
+                    tokens = chunk.usage.completion_tokens
+            return first if first is not None else time.perf_counter() - t0, tokens
 
-    one(0)  # warm-up
-    print(f"# model: {cfg.n_layer} layers x {cfg.n_embd}, prepacked weights; server "
-          f"{'in this process' if args.in_process else 'gptlab serve, its own process'}; "
-          f"{args.max_tokens} new tokens per request; server slots {args.max_concurrency}; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| concurrent clients | requests/s | x 1 client | tokens/s | TTFT median (s) | TTFT p90 (s) |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    single = None
-    for n in map(int, args.clients.split(",")):
-        requests = max(args.requests, 2 * n)
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(n) as pool:
-            results = list(pool.map(one, range(requests)))
-        wall = time.perf_counter() - t0
-        ttft = sorted(r[0] for r in results)
-        p90 = ttft[min(len(ttft) - 1, int(0.9 * len(ttft)))]
-        rate = requests / wall
-        single = single or rate
-        print(f"| {n} | {rate:.2f} | {rate / single:.2f}x | {sum(r[1] for r in results) / wall:.1f} | "
-              f"{statistics.median(ttft):.3f} | {p90:.3f} |", flush=True)
-    stop()
-    tmp.cleanup()
+        one(0)  # warm-up
+        print(f"# model: {cfg.n_layer} layers x {cfg.n_embd}, prepacked weights; server "
+              f"{'in this process' if args.in_process else 'gptlab serve, its own process'}; "
+              f"{args.max_tokens} new tokens per request; server slots {args.max_concurrency}; "
+              f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+        print("| concurrent clients | requests/s | x 1 client | tokens/s | TTFT median (s) | TTFT p90 (s) |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        single = None
+        for n in map(int, args.clients.split(",")):
+            requests = max(args.requests, 2 * n)
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(n) as pool:
+                results = list(pool.map(one, range(requests)))
+            wall = time.perf_counter() - t0
+            ttft = sorted(r[0] for r in results)
+            p90 = ttft[min(len(ttft) - 1, int(0.9 * len(ttft)))]
+            rate = requests / wall
+            single = single or rate
+            print(f"| {n} | {rate:.2f} | {rate / single:.2f}x | {sum(r[1] for r in results) / wall:.1f} | "
+                  f"{statistics.median(ttft):.3f} | {p90:.3f} |", flush=True)
+    finally:
+        stop()
+        tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -115,7 +115,7 @@ class ModelConfig:
         if self.head_size and self.head_size * self.n_head == self.n_embd:
             self.head_size = None  # one spelling for one shape, so that equal shapes compare equal
         if self.n_kv_head == self.n_head:
-            self.n_kv_head = None  # (a model trained with n_kv_head unset exports as one read back with it set)
+            self.n_kv_head = None  # the same: a config read back from transformers (heads set) equals ours
 
     @property
     def head_dim(self) -> int:

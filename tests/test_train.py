@@ -172,15 +172,20 @@ def test_muon_updates_are_torch_muons():
 
 def test_wsd_schedule_is_flat_then_a_straight_line_to_the_floor():
     """Warm-up, the peak held, then the last cooldown_fraction of the steps after warm-up falling linearly to min_lr
-    (the speedrun's schedule), and the floor after decay_steps; the cosine stays the default."""
+    (the speedrun's schedule), and the floor after decay_steps: after warm-up, transformers' `get_wsd_schedule` with
+    a linear decay (its warm-up starts at 0, ours at lr / warmup, as our cosine's); the cosine stays the default."""
+    from transformers.optimization import get_wsd_schedule
+
     from gptlab.train.optim import lr_at
 
     cfg = TrainConfig(max_steps=110, warmup_steps=10, lr=1.0, min_lr=0.1, schedule="wsd", cooldown_fraction=0.4)
     lrs = [lr_at(s, cfg) for s in range(120)]
     assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
-    assert lrs[10:70] == pytest.approx([1.0] * 60)  # 100 steps after warm-up: 60 flat ...
-    assert lrs[80] == pytest.approx(0.1 + 0.75 * 0.9) and lrs[100] == pytest.approx(0.1 + 0.25 * 0.9)  # ... 40 down
-    assert lrs[110:] == pytest.approx([0.1] * 10)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    theirs = get_wsd_schedule(opt, num_warmup_steps=10, num_stable_steps=60, num_decay_steps=40, decay_type="linear",
+                              min_lr_ratio=0.1).lr_lambdas[0]  # 100 steps after warm-up: 60 flat, 40 down
+    assert lrs[10:] == pytest.approx([theirs(s) for s in range(10, 120)])
+    assert lrs[10:70] == pytest.approx([1.0] * 60) and lrs[110:] == pytest.approx([0.1] * 10)
     cosine = TrainConfig(max_steps=110, warmup_steps=10, lr=1.0, min_lr=0.1)
     assert lr_at(60, cosine) == pytest.approx(0.55)
     with pytest.raises(GptlabError, match="train.schedule"):
