@@ -189,8 +189,8 @@ def phi3(path: Path) -> Path:
                   bos_id=1, pad_id=ids["<|endoftext|>"])
 
 
-def _byte_level(split: str, vocab_size: int = 400) -> HFTokenizer:
-    backend = HFTokenizer(models.BPE())
+def _byte_level(split: str, vocab_size: int = 400, ignore_merges: bool = False) -> HFTokenizer:
+    backend = HFTokenizer(models.BPE(ignore_merges=ignore_merges))
     backend.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -200,8 +200,9 @@ def _byte_level(split: str, vocab_size: int = 400) -> HFTokenizer:
 
 def llama3(path: Path) -> Path:
     """Llama 3: tiktoken-style byte-level BPE; <|begin_of_text|> added by the post-processor; the instruct
-    model's eos is <|eot_id|> and generation stops at <|end_of_text|> too."""
-    backend = _byte_level(LLAMA3_SPLIT)
+    model's eos is <|eot_id|> and generation stops at <|end_of_text|> too; a word that is in the vocabulary is one
+    token whatever the merges say (`ignore_merges`, as Llama 3's tokenizer.json sets it)."""
+    backend = _byte_level(LLAMA3_SPLIT, ignore_merges=True)
     names = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
     backend.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names])
     bos = "<|begin_of_text|>"

@@ -199,3 +199,27 @@ def test_a_long_run_of_invalid_utf8_streams_in_bounded_steps(tokenizer):
     pieces.append(stream.finish())
     assert "".join(pieces) == tokenizer.decode(ids)
     assert held <= TextStream.PENDING + 1
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_prepacked_layers_compute_what_linear_does(model, dtype):
+    """prepare_for_inference's oneDNN-prepacked Linear layers give the plain model's logits up to rounding, for one
+    row and many, and the same greedy tokens."""
+    import copy
+
+    from gptlab.inference import PackedLinear, packing_available, prepare_for_inference
+
+    if not packing_available(model.transformer.wte.weight.to(dtype)):
+        pytest.skip("oneDNN cannot pack this dtype on this CPU")
+    plain = copy.deepcopy(model).to(dtype)
+    prepared = prepare_for_inference(copy.deepcopy(model).to(dtype))
+    assert sum(isinstance(m, PackedLinear) for m in prepared.modules()) == 4 * model.config.n_layer + 1
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    with torch.no_grad():
+        for idx in (torch.tensor([[7]]), torch.randint(0, 97, (3, 9))):
+            torch.testing.assert_close(prepared(idx).float(), plain(idx).float(), atol=tol, rtol=0)
+    if dtype == torch.float32:
+        prompt = [5, 17, 3, 88, 42]
+        assert [int(t) for t in Engine(prepared).generate_ids([prompt], 20, GREEDY)] == \
+            uncached_greedy(model, prompt, 20)

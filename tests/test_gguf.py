@@ -622,3 +622,78 @@ def test_llama_cpp_runs_an_int4_checkpoints_q4_0_export_as_gptlab_runs_it(checkp
     assert_same_weights(out, kind, model)
     _, tokenizer = load_checkpoint(tmp_path / "q")
     assert_llama_cpp_runs(out, model, tokenizer, exact=False)
+
+
+# digits in runs, contractions, punctuation, runs of spaces and newlines: where the families' word splits differ
+SPLIT_TEXT = "[INST] I'll pay 1234567 dollars, won't I? [/INST]\n\n  Pi is 3.14159;\tdone   \n (the) end"
+HUB_PRE = {"llama3": "llama-bpe", "qwen": "qwen2", "smollm3": "dbrx", "olmo2": "gpt-2"}
+
+
+def hub_checkpoint(kind: str, root) -> tuple:
+    """A small Llama-shaped checkpoint with the tokenizer of a hub family's shape (tests/hub_tokenizers.py), read
+    as `gptlab import hf` reads it."""
+    from gptlab.interop.hf import read_hf_tokenizer
+
+    from . import hub_tokenizers as hub
+
+    tok = read_hf_tokenizer(hub.BUILDERS[kind](root / f"hf-{kind}"))
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=64, mlp_hidden=96, block_size=128, vocab_size=448, pos="rope",
+                      norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False, family="llama")
+    torch.manual_seed(0)
+    save_checkpoint(root / kind, GPT(cfg), tok)
+    return root / kind, tok
+
+
+@pytest.mark.parametrize("kind", list(HUB_PRE))
+def test_byte_level_tokenizers_name_llama_cpps_pre_tokenizer_of_their_split(tmp_path, kind, capsys):
+    """Llama 3's, Qwen's, SmolLM3's and OLMo 2's tokenizers (a Split regex before byte-level BPE) export, each
+    under the name of llama.cpp's pre-tokenizer with the same regex (Llama 3's with its whole-word rule)."""
+    folder, _ = hub_checkpoint(kind, tmp_path)
+    assert main(["export", "gguf", str(folder), str(tmp_path / "m.gguf")]) == 0
+    assert capsys.readouterr().err == ""
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert field(reader, "tokenizer.ggml.model") == "gpt2"
+    assert field(reader, "tokenizer.ggml.pre") == HUB_PRE[kind]
+
+
+def test_pre_tokenizers_llama_cpp_lacks_are_written_as_gpt2_with_one_note(tmp_path, tokenizer, capsys):
+    """SmolLM2's digit split and Phi-4-mini's o200k regex have names; a split llama.cpp has no name for is GPT-2's
+    with a note, and the file is still written."""
+    from tokenizers import Regex, pre_tokenizers
+
+    from gptlab.interop.gguf import SPLITS, pre_tokenizer
+
+    digits = {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "add_prefix_space": False}]},
+        "model": {}}
+    assert pre_tokenizer(digits) == ("smollm", None)
+    o200k = next(r for r, name in SPLITS.items() if name == "gpt-4o")
+    split = {"type": "Split", "pattern": {"Regex": o200k}, "behavior": "Isolated", "invert": False}
+    level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}
+    assert pre_tokenizer({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [split, level]},
+                          "model": {}}) == ("gpt-4o", None)
+    odd = Tokenizer(Tokenizer.train_bpe([TEXT], vocab_size=320).backend)
+    odd.backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\w+|\s+|[^\w\s]+"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=64, block_size=32, vocab_size=320))
+    save_checkpoint(tmp_path / "odd", model, odd)
+    assert main(["export", "gguf", str(tmp_path / "odd"), str(tmp_path / "odd.gguf")]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gptlab: note: llama.cpp has no pre-tokenizer that splits text into words as this") and \
+        len(err.splitlines()) == 1, err
+    assert field(gguf.GGUFReader(tmp_path / "odd.gguf"), "tokenizer.ggml.pre") == "gpt-2"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(HUB_PRE))
+def test_llama_cpp_tokenizes_as_the_hub_tokenizer_does(tmp_path, kind):
+    """llama.cpp splits digits, contractions and spaces as Llama 3's, Qwen's, SmolLM3's and OLMo 2's tokenizers do,
+    so a prompt gets the same ids in llama.cpp as in gptlab and transformers."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    folder, tok = hub_checkpoint(kind, tmp_path)
+    assert main(["export", "gguf", str(folder), str(tmp_path / "m.gguf")]) == 0
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=128, verbose=False)
+    ours = tok.backend.encode(SPLIT_TEXT, add_special_tokens=False).ids
+    assert llm.tokenize(SPLIT_TEXT.encode(), add_bos=False, special=False) == ours
+    assert llm.detokenize(ours).decode() == SPLIT_TEXT

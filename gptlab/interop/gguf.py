@@ -17,8 +17,10 @@ sliding-window layout it has no way to hold, a rope scaling it lacks, GPT-1's po
 line; nothing is written. Where the two differ only past some length (a sliding window the architecture does not
 apply, LongRoPE's long factors, which llama.cpp picks by its context size) the file is written with a note.
 
-The tokenizer goes in the file too: a byte-level BPE as llama.cpp's `gpt2` vocabulary (tokens, types, merges), a
-character tokenizer (single characters plus `<0xXX>` byte fallback) as its SentencePiece-style `llama` vocabulary.
+The tokenizer goes in the file too: a byte-level BPE as llama.cpp's `gpt2` vocabulary (tokens, types, merges) under
+the name of llama.cpp's pre-tokenizer that splits words with the same regex (GPT-2's, Llama 3's `llama-bpe`, Qwen's
+`qwen2`, SmolLM2's `smollm`, Phi-4-mini's `gpt-4o`; a split it lacks is GPT-2's with a note), a character tokenizer
+(single characters plus `<0xXX>` byte fallback) as its SentencePiece-style `llama` vocabulary.
 
 Weight types (`--dtype`), each tensor's chosen as llama.cpp's converter (f32, f16, q8_0) and its `llama-quantize`
 (q4_0) choose it, so that the file is the one llama.cpp's own tools would make:
@@ -75,6 +77,18 @@ UNTIED = ("olmo2",)  # llama.cpp needs output.weight, even where it is the embed
 SCALINGS = {"llama": ("llama3", "linear", "yarn"), "phi3": ("longrope", "linear", "yarn")}  # others: linear, yarn
 YARN_DEFAULTS = {"beta_fast": 32, "beta_slow": 1, "truncate": True}  # the only values llama.cpp's YaRN uses
 PHI3_TOKENS = {"<s>", "</s>", "<unk>", "<|endoftext|>"}  # what llama.cpp looks up in a model named like Phi-3
+# A byte-level BPE's split into words, as tokenizer.json's Split step writes it -> llama.cpp's pre-tokenizer of that
+# regex (llama-vocab.cpp). llama.cpp knows a pre-tokenizer by name only, so the name says how it splits text.
+_CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|"
+_LLAMA3_REST = r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+SPLITS = {
+    _CONTRACTIONS + _LLAMA3_REST: "llama-bpe",  # Llama 3, SmolLM3, OLMo 2 (cl100k's split)
+    _CONTRACTIONS + _LLAMA3_REST.replace(r"\p{N}{1,3}", r"\p{N}"): "qwen2",  # Qwen2/2.5/3: digits one by one
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+": "gpt-2",  # GPT-2's own
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+    r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+": "gpt-4o",  # Phi-4-mini (o200k's split)
+}
 # gptlab layer part -> llama.cpp's name
 NORMS = {"ln_1": "attn_norm", "post_attn_norm": "post_attention_norm", "ln_2": "ffn_norm",
          "post_mlp_norm": "post_ffw_norm", "attn.q_norm": "attn_q_norm", "attn.k_norm": "attn_k_norm"}
@@ -340,7 +354,7 @@ def add_tokenizer(writer, tokenizer: Tokenizer, vocab_size: int) -> None:
     model = data["model"]
     if model.get("type") != "BPE":
         raise GptlabError(f"GGUF export takes BPE tokenizers (byte-level or character), not {model.get('type')}")
-    byte_level = (data.get("pre_tokenizer") or {}).get("type") == "ByteLevel"
+    byte_level = bool(byte_level_steps(data))
     vocab = dict(model["vocab"])
     added = {t["id"]: t for t in data.get("added_tokens", [])}
     for t in added.values():
@@ -364,7 +378,7 @@ def add_tokenizer(writer, tokenizer: Tokenizer, vocab_size: int) -> None:
             types.append(T.NORMAL)
     if byte_level:
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("gpt-2")
+        writer.add_tokenizer_pre(pre_tokenizer(data)[0])
         merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
         writer.add_token_merges(merges)
     else:
@@ -389,6 +403,35 @@ def add_tokenizer(writer, tokenizer: Tokenizer, vocab_size: int) -> None:
         writer.add_eot_token_id(tokenizer.end_of_turn[0])
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
+
+
+def byte_level_steps(data: dict) -> list[dict]:
+    """The pre-tokenizer's steps (a Sequence's, or the one step), where one of them is byte-level; else []."""
+    pre = data.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    return steps if any(s.get("type") == "ByteLevel" for s in steps) else []
+
+
+def pre_tokenizer(data: dict) -> tuple[str, str | None]:
+    """llama.cpp's name for how a byte-level BPE (tokenizer.json's `data`) splits text into words before merging,
+    and a note where no pre-tokenizer of llama.cpp's splits as this one does (then GPT-2's is written)."""
+    steps = [s for s in byte_level_steps(data) if s.get("type") != "ByteLevel"]
+    level = next(s for s in byte_level_steps(data) if s.get("type") == "ByteLevel")
+    name = None
+    if not steps and level.get("use_regex", True):
+        name = "gpt-2"
+    elif len(steps) == 1 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits") and \
+            level.get("use_regex", True):
+        name = "smollm"  # SmolLM 1/2: each digit alone, then GPT-2's split
+    elif len(steps) == 1 and steps[0].get("type") == "Split" and not level.get("use_regex", True) and \
+            steps[0].get("behavior") == "Isolated" and not steps[0].get("invert"):
+        name = SPLITS.get((steps[0].get("pattern") or {}).get("Regex"))
+        if name == "llama-bpe" and not data["model"].get("ignore_merges"):
+            name = "dbrx"  # the same split, without Llama 3's rule that a word in the vocabulary is one token
+    if name is not None and not level.get("add_prefix_space"):
+        return name, None
+    return "gpt-2", ("llama.cpp has no pre-tokenizer that splits text into words as this tokenizer does; the file "
+                     "names GPT-2's, so llama.cpp may tokenize some text (digits, contractions, spaces) otherwise")
 
 
 def gguf_name(name: str, tokenizer: Tokenizer) -> str:
@@ -424,6 +467,9 @@ def export_gguf(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str],
     arch = architecture(cfg)
     group = int4_group(model.quantization) if dtype == "q4_0" else None
     messages = notes(cfg, arch) + requantize_notes(model.quantization, dtype)
+    backend = json.loads(tokenizer.backend.to_str())
+    if byte_level_steps(backend) and (note := pre_tokenizer(backend)[1]):
+        messages.append(note)
     if model.quantization is not None:
         from gptlab.quant.layers import dequantize_model
 
