@@ -32,7 +32,7 @@ from gptlab.quant.layers import QuantLinear
 
 KERNEL_DTYPE = torch.bfloat16
 TINYGEMM_GROUPS = (256, 128, 64, 32)  # group sizes `_weight_int4pack_mm_for_cpu` takes
-TINYGEMM_BLOCK_N = 64  # rows per block of its CPU layout (for widths it divides; others have another tail layout)
+TINYGEMM_BLOCKS = (64, 32)  # rows per block of its CPU layout: 64 where PyTorch runs AVX-512 code, 32 on AVX2
 BNB_BLOCK_N = 32  # rows per block of bitsandbytes' CPU layout
 
 
@@ -117,7 +117,7 @@ class TinygemmLinear(FusedQuantLinear):
 
     def weight(self) -> torch.Tensor:
         out_f, in_f, g = self.out_features, self.in_features, self.group
-        q = [tinygemm_codes(p, out_f, in_f).to(torch.int16) for p in self.packed]  # (out, in) each
+        q = [tinygemm_codes(p, out_f, in_f, tinygemm_block()).to(torch.int16) for p in self.packed]  # (out, in) each
         codes = q[0] - 8 if len(q) == 1 else (q[0] - 8) * 16 + q[1]  # the stored int4 or int8 codes, exactly
         scale = self.scales_zeros[-1, :, :, 0].T  # (out, in/group): absmax / 7, or / 127 (the low part's)
         return (codes.to(KERNEL_DTYPE).view(out_f, in_f // g, g) * scale[..., None]).view(out_f, in_f)
@@ -147,19 +147,25 @@ class Bnb4bitLinear(FusedQuantLinear):
         return dequantize(parts, self.spec, (out_f, in_f), KERNEL_DTYPE)
 
 
-def tinygemm_codes(packed: torch.Tensor, out_f: int, in_f: int) -> torch.Tensor:
-    """(out, in/2) bytes of `_convert_weight_to_int4pack_for_cpu` -> (out, in) codes 0..15. For each block of 64 rows
-    and each input, 32 bytes: rows 0..31 in the low nibbles, rows 32..63 in the high ones."""
-    v = packed.view(out_f // TINYGEMM_BLOCK_N, in_f, TINYGEMM_BLOCK_N // 2)  # (out/64, in, 32)
-    return torch.stack((v & 15, v >> 4), dim=2).permute(0, 2, 3, 1).reshape(out_f, in_f)  # (out/64, 2, 32, in)
+def tinygemm_codes(packed: torch.Tensor, out_f: int, in_f: int, block: int) -> torch.Tensor:
+    """(out, in/2) bytes of `_convert_weight_to_int4pack_for_cpu` -> (out, in) codes 0..15. For each block of
+    `block` rows (64 or 32) and each input, block / 2 bytes: the first half of the rows in the low nibbles, the
+    second half in the high ones."""
+    v = packed.view(out_f // block, in_f, block // 2)  # (out/block, in, block/2)
+    return torch.stack((v & 15, v >> 4), dim=2).permute(0, 2, 3, 1).reshape(out_f, in_f)  # (out/block, 2, block/2, in)
 
 
 @functools.cache
-def tinygemm_layout_known() -> bool:
-    """Whether this PyTorch lays tinygemm's CPU codes out as `tinygemm_codes` reads them (asked once)."""
-    q = torch.randint(0, 16, (2 * TINYGEMM_BLOCK_N, 64), generator=torch.Generator().manual_seed(0))
+def tinygemm_block() -> int | None:
+    """The rows per block of tinygemm's CPU layout in this PyTorch on this CPU (PyTorch picks it by the instructions
+    it dispatches to), or None where neither known layout reads back (asked once)."""
+    if not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
+        return None
+    q = torch.randint(0, 16, (2 * max(TINYGEMM_BLOCKS), 64), generator=torch.Generator().manual_seed(0))
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-    return packed.shape == (q.shape[0], q.shape[1] // 2) and torch.equal(tinygemm_codes(packed, *q.shape), q)
+    if packed.shape != (q.shape[0], q.shape[1] // 2):
+        return None
+    return next((b for b in TINYGEMM_BLOCKS if torch.equal(tinygemm_codes(packed, *q.shape, b), q)), None)
 
 
 @functools.cache
@@ -212,9 +218,9 @@ def kernel_for(layer: QuantLinear) -> type[FusedQuantLinear] | None:
         # in bf16 the kernel gives wrong numbers (PyTorch 2.13) where the width is not a multiple of 16
         return Int8Linear if in_f % 16 == 0 and hasattr(torch.ops.aten, "_weight_int8pack_mm") else None
     if spec.scheme in ("int4", "int8"):
-        ok = any(g % k == 0 for k in TINYGEMM_GROUPS) and out_f % TINYGEMM_BLOCK_N == 0
-        return TinygemmLinear if ok and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and \
-            tinygemm_layout_known() else None
+        block = tinygemm_block()
+        ok = block is not None and any(g % k == 0 for k in TINYGEMM_GROUPS) and out_f % block == 0
+        return TinygemmLinear if ok and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") else None
     return Bnb4bitLinear if out_f % BNB_BLOCK_N == 0 and bnb_kernel_known() else None
 
 
