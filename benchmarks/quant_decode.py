@@ -76,6 +76,9 @@ def bytes_per_token(model: GPT) -> int:
     if hasattr(model.transformer, "wpe"):
         skip.add(model.transformer.wpe.weight.data_ptr())
     seen, total = set(skip), 0
+    head = getattr(model.lm_head, "weight", None)
+    if head is not None and head.data_ptr() in skip:  # a tied head that kept the embedding's storage: read whole
+        total += head.numel() * head.element_size()
     for t in [*model.parameters(), *model.buffers()]:
         key = id(t) if t.is_mkldnn else t.data_ptr()  # oneDNN's packed weights have no plain storage
         if key not in seen:

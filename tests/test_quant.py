@@ -394,3 +394,20 @@ def test_bad_input_is_one_line(ckpt, tmp_path, capsys):
         assert message in err and len(err.splitlines()) == 1, (argv, err)
     assert (nf4 / "model.safetensors").read_bytes() == before
     assert not (tmp_path / "x").exists()
+
+
+def test_four_bit_float_layers_without_a_kernel_say_so_once(ckpt, capsys):
+    """nf4 and fp4 run on bitsandbytes' fused kernel where it is registered (AVX-512 BF16 CPUs); elsewhere each
+    product dequantizes, and loading for inference says so in one line (int4 has a kernel on every x86 CPU)."""
+    model, _ = load_checkpoint(ckpt)
+    quantize_model(model, QuantSpec("nf4", 64))
+    capsys.readouterr()
+    prepare_for_inference(model)
+    err = capsys.readouterr().err
+    if BNB_CPU_KERNEL:
+        assert err == ""
+    else:
+        assert err.startswith("gptlab: note: this CPU has no fused nf4 kernel") and len(err.splitlines()) == 1, err
+    int4, _ = load_checkpoint(ckpt)
+    prepare_for_inference(quantize_model(int4, QuantSpec("int4", 32)))
+    assert capsys.readouterr().err == ""

@@ -23,6 +23,7 @@ outside these, another device, bitsandbytes missing) stay `QuantLinear`.
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 from torch import nn
@@ -225,8 +226,10 @@ def kernel_for(layer: QuantLinear) -> type[FusedQuantLinear] | None:
 
 
 def fuse_quantized(model: nn.Module) -> int:
-    """Swap every `QuantLinear` that a kernel takes for its inference-only form, in place; how many were swapped."""
-    swapped = 0
+    """Swap every `QuantLinear` that a kernel takes for its inference-only form, in place; how many were swapped.
+    Where 4-bit float layers (nf4, fp4) stay unfused for want of bitsandbytes' kernel, say so once on stderr: each of
+    their products rebuilds the weight, several times slower than bf16 (int4 has a kernel on every x86 CPU)."""
+    swapped, slow = 0, set()
     with torch.no_grad():
         for module in list(model.modules()):
             for name, child in list(module.named_children()):
@@ -234,4 +237,11 @@ def fuse_quantized(model: nn.Module) -> int:
                 if kind is not None:
                     setattr(module, name, kind(child))
                     swapped += 1
+                elif isinstance(child, QuantLinear) and child.qweight.device.type == "cpu" and \
+                        child.spec.scheme in ("nf4", "fp4") and not bnb_kernel_known():
+                    slow.add(child.spec.scheme)
+    if slow:
+        print(f"gptlab: note: this CPU has no fused {'/'.join(sorted(slow))} kernel (bitsandbytes' needs AVX-512 "
+              "BF16), so each product dequantizes its layer's weight, several times slower than bf16; int4 "
+              "(gptlab quantize --scheme int4) runs on a kernel here", file=sys.stderr)
     return swapped
