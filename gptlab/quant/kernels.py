@@ -241,7 +241,8 @@ def fuse_quantized(model: nn.Module) -> int:
                         child.spec.scheme in ("nf4", "fp4") and not bnb_kernel_known():
                     slow.add(child.spec.scheme)
     if slow:
-        print(f"gptlab: note: this CPU has no fused {'/'.join(sorted(slow))} kernel (bitsandbytes' needs AVX-512 "
-              "BF16), so each product dequantizes its layer's weight, several times slower than bf16; int4 "
-              "(gptlab quantize --scheme int4) runs on a kernel here", file=sys.stderr)
+        why = "bitsandbytes' needs AVX-512 BF16" if has_bnb() else "bitsandbytes is not installed"
+        hint = "; int4 (gptlab quantize --scheme int4) runs on a kernel here" if tinygemm_block() else ""
+        print(f"gptlab: note: this CPU has no fused {'/'.join(sorted(slow))} kernel ({why}), so each product "
+              f"dequantizes its layer's weight, several times slower than bf16{hint}", file=sys.stderr)
     return swapped
