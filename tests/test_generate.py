@@ -201,7 +201,6 @@ def test_a_long_run_of_invalid_utf8_streams_in_bounded_steps(tokenizer):
     assert held <= TextStream.PENDING + 1
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_prepacked_layers_compute_what_linear_does(model, dtype):
     """prepare_for_inference's oneDNN-prepacked Linear layers give the plain model's logits up to rounding, for one

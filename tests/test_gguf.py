@@ -689,11 +689,15 @@ def test_pre_tokenizers_llama_cpp_lacks_are_written_as_gpt2_with_one_note(tmp_pa
 @pytest.mark.parametrize("kind", list(HUB_PRE))
 def test_llama_cpp_tokenizes_as_the_hub_tokenizer_does(tmp_path, kind):
     """llama.cpp splits digits, contractions and spaces as Llama 3's, Qwen's, SmolLM3's and OLMo 2's tokenizers do,
-    so a prompt gets the same ids in llama.cpp as in gptlab and transformers."""
+    so a prompt gets the same ids in llama.cpp as in transformers' AutoTokenizer (and gptlab)."""
     llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import AutoTokenizer
+
     folder, tok = hub_checkpoint(kind, tmp_path)
+    want = AutoTokenizer.from_pretrained(tmp_path / f"hf-{kind}")(SPLIT_TEXT, add_special_tokens=False).input_ids
+    ours = tok.backend.encode(SPLIT_TEXT, add_special_tokens=False).ids
+    assert ours == want
     assert main(["export", "gguf", str(folder), str(tmp_path / "m.gguf")]) == 0
     llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=128, verbose=False)
-    ours = tok.backend.encode(SPLIT_TEXT, add_special_tokens=False).ids
-    assert llm.tokenize(SPLIT_TEXT.encode(), add_bos=False, special=False) == ours
+    assert llm.tokenize(SPLIT_TEXT.encode(), add_bos=False, special=False) == want
     assert llm.detokenize(ours).decode() == SPLIT_TEXT

@@ -415,8 +415,9 @@ def byte_level_steps(data: dict) -> list[dict]:
 def pre_tokenizer(data: dict) -> tuple[str, str | None]:
     """llama.cpp's name for how a byte-level BPE (tokenizer.json's `data`) splits text into words before merging,
     and a note where no pre-tokenizer of llama.cpp's splits as this one does (then GPT-2's is written)."""
-    steps = [s for s in byte_level_steps(data) if s.get("type") != "ByteLevel"]
-    level = next(s for s in byte_level_steps(data) if s.get("type") == "ByteLevel")
+    steps = byte_level_steps(data)
+    level = next(s for s in steps if s.get("type") == "ByteLevel")
+    steps = [s for s in steps if s is not level]
     name = None
     if not steps and level.get("use_regex", True):
         name = "gpt-2"
